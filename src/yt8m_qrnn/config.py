@@ -1,0 +1,136 @@
+"""params.yaml: loading, validation against the schema, and per-stage sections."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
+NUM_CLASSES = {2: 3862, 1: 4716}
+
+# The params.yaml keys each stage reads; dvc.yaml and the Snakemake rules must
+# declare exactly these (tests/test_dag_agreement.py checks both).
+STAGE_PARAMS = {
+    "generate": ["generate"],
+    "fetch": ["data"],
+    "index": ["data.version", "index"],
+    "train": ["models.{model}", "train"],
+    "evaluate": ["models.{model}", "evaluate"],
+    "report": ["run_models", "report"],
+}
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names the key."""
+
+
+def load_params(path: str | Path = "params.yaml") -> dict:
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: file not found") from None
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    validate_params(params, source=str(path))
+    return params
+
+
+def validate_params(params: dict, source: str = "params.yaml") -> None:
+    schema = yaml.safe_load(SCHEMA_PATH.read_text())
+    validator = jsonschema.Draft202012Validator(schema)
+    errors = [leaf for error in validator.iter_errors(params) for leaf in _leaves(error)]
+    if errors:
+        errors.sort(key=lambda e: (e.validator == "unevaluatedProperties", -len(e.absolute_path)))
+        raise ParamsError(f"{source}: {_describe(errors[0], schema)}")
+    _check_cross_references(params, source)
+
+
+def _leaves(error: jsonschema.ValidationError):
+    """The innermost errors: the ones that name the offending key itself."""
+    if error.validator in ("allOf", "then") and error.context:
+        for sub in error.context:
+            yield from _leaves(sub)
+    else:
+        yield error
+
+
+def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
+    key = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+    if error.validator in ("additionalProperties", "unevaluatedProperties"):
+        allowed = sorted(_allowed_keys(error))
+        unknown = sorted(set(error.instance) - set(allowed)) if allowed else []
+        name = f"{key}.{unknown[0]}" if unknown and key != "(top level)" else (unknown[0] if unknown else key)
+        return f"unknown key '{name}'" + (f" (allowed: {', '.join(allowed)})" if allowed else f": {error.message}")
+    if error.validator == "enum":
+        return f"{key}: {error.instance!r} is not one of {', '.join(map(repr, error.validator_value))}"
+    if error.validator == "required":
+        return f"{key}: {error.message}"
+    if error.validator == "oneOf" and "shards" in error.absolute_path:
+        return f"{key}: {error.instance!r} is not a shard selection (all, a count >= 1, a list of indices, or \"X,Y\")"
+    return f"{key}: {error.message}"
+
+
+def _allowed_keys(error: jsonschema.ValidationError) -> set[str]:
+    keys = set(error.schema.get("properties", {}))
+    for sub in error.schema.get("allOf", []):
+        kind = sub.get("if", {}).get("properties", {}).get("kind", {}).get("const")
+        if kind is not None and error.instance.get("kind") == kind:
+            keys |= set(sub["then"]["properties"])
+    return keys
+
+
+def _check_cross_references(params: dict, source: str) -> None:
+    unknown = [m for m in params["run_models"] if m not in params["models"]]
+    if unknown:
+        raise ParamsError(f"{source}: run_models: unknown model {unknown[0]!r} (defined in models: {', '.join(params['models'])})")
+    gen = params["generate"]
+    if gen["min_frames"] > gen["max_frames"]:
+        raise ParamsError(f"{source}: generate.min_frames ({gen['min_frames']}) exceeds generate.max_frames ({gen['max_frames']})")
+    data = params["data"]
+    for split in data["shards"]:
+        if split not in data["splits"]:
+            raise ParamsError(f"{source}: data.shards.{split}: split {split!r} is not in data.splits {data['splits']}")
+    if data["source"] == "generated":
+        for split in data["splits"]:
+            if split not in gen["splits"]:
+                raise ParamsError(f"{source}: data.splits: {split!r} is not generated (generate.splits has {', '.join(gen['splits'])})")
+            selection = data["shards"].get(split, "all")
+            available = gen["splits"][split][0]
+            too_many = (isinstance(selection, int) and selection > available) or (
+                isinstance(selection, list) and max(selection) >= available)
+            if too_many:
+                raise ParamsError(f"{source}: data.shards.{split}: selects more shards than the {available} generated")
+    for name, model in params["models"].items():
+        if model["kind"] in ("lstm", "qrnn", "dbof") and model["level"] != "frame" and model["kind"] != "qrnn":
+            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'frame'")
+        if model["kind"] in ("logistic", "moe") and model["level"] != "video":
+            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'video'")
+        if model["level"] not in data["levels"]:
+            raise ParamsError(f"{source}: models.{name}.level: {model['level']!r} is not fetched (data.levels: {data['levels']})")
+
+
+def num_classes(params: dict) -> int:
+    return NUM_CLASSES[params["data"]["version"]]
+
+
+def stage_keys(stage: str, model: str | None = None) -> list[str]:
+    return [k.format(model=model) for k in STAGE_PARAMS[stage]]
+
+
+def stage_params(params: dict, stage: str, model: str | None = None) -> dict:
+    """Only the keys `stage` may read, as a nested dict with the same shape."""
+    out: dict = {}
+    for key in stage_keys(stage, model):
+        parts = key.split(".")
+        value = params
+        for part in parts:
+            value = value[part]
+        target = out
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = copy.deepcopy(value)
+    return out
