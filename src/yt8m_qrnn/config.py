@@ -17,8 +17,8 @@ STAGE_PARAMS = {
     "generate": ["generate"],
     "fetch": ["data"],
     "index": ["data.version", "index"],
-    "train": ["models.{model}", "train"],
-    "evaluate": ["models.{model}", "evaluate"],
+    "train": ["data.version", "models.{model}", "train"],
+    "evaluate": ["data.version", "models.{model}", "evaluate"],
     "report": ["run_models", "report"],
 }
 
@@ -105,7 +105,7 @@ def _check_cross_references(params: dict, source: str) -> None:
             if too_many:
                 raise ParamsError(f"{source}: data.shards.{split}: selects more shards than the {available} generated")
     for name, model in params["models"].items():
-        if model["kind"] in ("lstm", "qrnn", "dbof") and model["level"] != "frame" and model["kind"] != "qrnn":
+        if model["kind"] in ("lstm", "frame_logistic") and model["level"] != "frame":
             raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'frame'")
         if model["kind"] in ("logistic", "moe") and model["level"] != "video":
             raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'video'")
@@ -134,3 +134,29 @@ def stage_params(params: dict, stage: str, model: str | None = None) -> dict:
             target = target.setdefault(part, {})
         target[parts[-1]] = copy.deepcopy(value)
     return out
+
+
+PARAMS_STAMP_DIR = Path("results/params")
+
+
+def params_stamp_path(stage: str, model: str | None = None) -> Path:
+    return PARAMS_STAMP_DIR / (f"{stage}-{model}.json" if model else f"{stage}.json")
+
+
+def sync_params_stamp(params: dict, stage: str, model: str | None = None) -> Path:
+    """Write the stage's params to its stamp file, only when they changed.
+
+    Snakemake (rerun trigger: mtime) takes the stamp as an input, so a params
+    change reruns exactly the stages that read it; every stage refreshes its own
+    stamp when it runs, so a stage run by `dvc repro` leaves Snakemake nothing to redo.
+    """
+    import json
+
+    path = params_stamp_path(stage, model)
+    text = json.dumps(stage_params(params, stage, model), indent=1, sort_keys=True) + "\n"
+    if not path.exists() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return path

@@ -1,0 +1,40 @@
+# make run: the whole pipeline on the embedded generated dataset (no network needed).
+# make test: the test suite. Both create .venv from requirements.lock first.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(CURDIR)/$(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
+CORES ?= $(shell nproc)
+export PATH := $(BIN):$(PATH)
+export TF_CPP_MIN_LOG_LEVEL := 2
+
+.PHONY: run test test-fast lock repro clean
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
+	rm -f $(VENV)/.installed-* && touch $@
+
+run: $(STAMP)
+	snakemake --cores $(CORES)
+	@echo "Report: results/report.md"
+
+test: $(STAMP)
+	pytest
+
+test-fast: $(STAMP)
+	pytest -m "not slow"
+
+repro: $(STAMP)
+	dvc repro
+
+lock:
+	rm -rf /tmp/yt8m-qrnn-lock && $(PYTHON) -m venv /tmp/yt8m-qrnn-lock
+	/tmp/yt8m-qrnn-lock/bin/pip install --quiet -r requirements.in
+	/tmp/yt8m-qrnn-lock/bin/pip freeze > requirements.lock
+	$(PYTHON) src/yt8m_qrnn/lockfile.py requirements.lock workflow/envs/pipeline.yaml
+
+clean:
+	rm -rf resources/generated resources/yt8m resources/work .snakemake logs

@@ -1,0 +1,48 @@
+rule train:
+    input:
+        params="results/params/train-{model}.json",
+        shards="resources/yt8m",
+        index="results/index/index.parquet",
+        script=f"{SCRIPTS}/train.py",
+        code=f"{PY}/train.py",
+        models=f"{PY}/models.py",
+        qrnn=f"{PY}/qrnn.py",
+        data=f"{PY}/data.py",
+    output:
+        model="results/models/{model}/model.keras",
+        stats="results/models/{model}/train_stats.json",
+        history="results/models/{model}/history.csv",
+    log:
+        "logs/train/{model}.log",
+    benchmark:
+        "logs/benchmark/train/{model}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "python {input.script} --model {wildcards.model} > {log} 2>&1"
+
+
+rule evaluate:
+    input:
+        params="results/params/evaluate-{model}.json",
+        shards="resources/yt8m",
+        index="results/index/index.parquet",
+        model="results/models/{model}/model.keras",
+        script=f"{SCRIPTS}/evaluate.py",
+        code=f"{PY}/evaluate.py",
+        metrics=f"{PY}/metrics.py",
+        data=f"{PY}/data.py",
+    output:
+        predictions="results/eval/{model}/eval_predictions.csv",
+        submission="results/eval/{model}/submission.csv",
+        metrics="results/eval/{model}/metrics.json",
+        pr_curve="results/eval/{model}/pr_curve.csv",
+        per_class="results/eval/{model}/per_class_ap.csv",
+    log:
+        "logs/evaluate/{model}.log",
+    benchmark:
+        "logs/benchmark/evaluate/{model}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "python {input.script} --model {wildcards.model} > {log} 2>&1"

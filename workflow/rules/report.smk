@@ -1,0 +1,25 @@
+rule report:
+    input:
+        params="results/params/report.json",
+        stats="results/index/label_stats.json",
+        manifest="results/data/manifest.json",
+        train=expand("results/models/{model}/{file}", model=MODELS, file=["model.keras", "train_stats.json", "history.csv"]),
+        evaluation=expand(
+            "results/eval/{model}/{file}",
+            model=MODELS,
+            file=["metrics.json", "per_class_ap.csv", "pr_curve.csv", "eval_predictions.csv", "submission.csv"],
+        ),
+        script=f"{SCRIPTS}/report.py",
+        code=f"{PY}/report.py",
+        reference=f"{PY}/paper_numbers.yaml",
+    output:
+        report=report("results/report.md", category="Report"),
+        figures=report(directory("results/figures"), patterns=["{name}.png"], category="Figures"),
+    log:
+        "logs/report.log",
+    benchmark:
+        "logs/benchmark/report.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        "python {input.script} > {log} 2>&1"
