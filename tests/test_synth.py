@@ -1,0 +1,108 @@
+"""The generated dataset is in the exact YouTube-8M 2018 formats and carries order signal."""
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from yt8m_qrnn.synth import ALPHABET, dequantize, generate_mirror, quantize
+
+SMALL = {"seed": 3, "num_events": 5, "min_frames": 6, "max_frames": 12, "noise": 0.3,
+         "splits": {"train": [2, 30], "validate": [1, 20], "test": [1, 10]}}
+VIDEO_SPEC = {
+    "id": tf.io.FixedLenFeature([], tf.string),
+    "labels": tf.io.VarLenFeature(tf.int64),
+    "mean_rgb": tf.io.FixedLenFeature([1024], tf.float32),
+    "mean_audio": tf.io.FixedLenFeature([128], tf.float32),
+}
+CONTEXT_SPEC = {"id": tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64)}
+SEQUENCE_SPEC = {"rgb": tf.io.FixedLenSequenceFeature([], tf.string),
+                 "audio": tf.io.FixedLenSequenceFeature([], tf.string)}
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen") / "mirror"
+    summary = generate_mirror(SMALL, version=2, num_classes=3862, root=root)
+    return root, summary
+
+
+def read_frames(path):
+    for record in tf.data.TFRecordDataset(str(path)):
+        ctx, seq = tf.io.parse_single_sequence_example(record, context_features=CONTEXT_SPEC,
+                                                       sequence_features=SEQUENCE_SPEC)
+        rgb = np.stack([np.frombuffer(b, np.uint8) for b in seq["rgb"].numpy()])
+        audio = np.stack([np.frombuffer(b, np.uint8) for b in seq["audio"].numpy()])
+        yield ctx["id"].numpy().decode(), ctx["labels"].values.numpy().tolist(), rgb, audio
+
+
+def read_videos(path):
+    for record in tf.data.TFRecordDataset(str(path)):
+        ex = tf.io.parse_single_example(record, VIDEO_SPEC)
+        yield ex["id"].numpy().decode(), ex["labels"].values.numpy().tolist(), ex["mean_rgb"].numpy(), ex["mean_audio"].numpy()
+
+
+def test_layout_and_plans(mirror):
+    root, _ = mirror
+    for level in ("video", "frame"):
+        for split, (shards, _) in SMALL["splits"].items():
+            plan = json.loads((root / "2" / "download_plans" / f"{level}_{split}.json").read_text())
+            assert sorted(plan["files"]) == [f"{split}{i:04d}.tfrecord" for i in range(shards)]
+            for name, md5 in plan["files"].items():
+                assert hashlib.md5((root / "2" / level / split / name).read_bytes()).hexdigest() == md5
+
+
+def test_frame_records_exact_format(mirror):
+    root, _ = mirror
+    ids = []
+    for split, (shards, per_shard) in SMALL["splits"].items():
+        for shard in range(shards):
+            videos = list(read_frames(root / "2" / "frame" / split / f"{split}{shard:04d}.tfrecord"))
+            assert len(videos) == per_shard
+            for video_id, labels, rgb, audio in videos:
+                assert len(video_id) == 4 and video_id[2:] == ALPHABET[shard // 62] + ALPHABET[shard % 62]
+                assert rgb.shape[1] == 1024 and audio.shape[1] == 128 and len(rgb) == len(audio)
+                assert SMALL["min_frames"] <= len(rgb) <= SMALL["max_frames"]
+                assert labels == sorted(labels) and all(0 <= c < 3862 for c in labels)
+                assert (labels == []) == (split == "test")
+                ids.append(video_id)
+    assert len(ids) == len(set(ids)), "video ids must be unique across splits"
+
+
+def test_video_level_is_mean_of_dequantized_frames(mirror):
+    root, _ = mirror
+    frames = {v[0]: v for v in read_frames(root / "2" / "frame" / "train" / "train0000.tfrecord")}
+    for video_id, labels, mean_rgb, mean_audio in read_videos(root / "2" / "video" / "train" / "train0000.tfrecord"):
+        _, frame_labels, rgb, audio = frames[video_id]
+        assert labels == frame_labels
+        np.testing.assert_allclose(mean_rgb, dequantize(rgb).mean(0), atol=1e-5)
+        np.testing.assert_allclose(mean_audio, dequantize(audio).mean(0), atol=1e-5)
+
+
+def test_dequantize_matches_youtube8m_formula():
+    q = np.arange(256, dtype=np.uint8)
+    np.testing.assert_allclose(dequantize(q), q * 4.0 / 255.0 + 4.0 / 512.0 - 2.0, atol=1e-6)
+    np.testing.assert_array_equal(quantize(dequantize(q)), q)
+
+
+def test_last_event_label_needs_frame_order(mirror):
+    """Videos with the same events (so the same expected frame mean) differ in their 'ends with' label."""
+    root, summary = mirror
+    ends_with = set(summary["ends_with_classes"])
+    last_by_event_set: dict[tuple, set] = {}
+    for shard in ("train0000", "train0001"):
+        for _, labels, _, _ in read_frames(root / "2" / "frame" / "train" / f"{shard}.tfrecord"):
+            last = [c for c in labels if c in ends_with]
+            present = tuple(c for c in labels if c in summary["contains_classes"])
+            assert len(last) == 1 and 2 <= len(present) <= 3
+            last_by_event_set.setdefault(present, set()).add(last[0])
+    assert any(len(lasts) > 1 for lasts in last_by_event_set.values())
+
+
+def test_generation_is_deterministic(tmp_path):
+    a = generate_mirror(SMALL, 2, 3862, tmp_path / "a")
+    b = generate_mirror(SMALL, 2, 3862, tmp_path / "b")
+    assert a == b
+    name = "2/frame/validate/validate0000.tfrecord"
+    assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
