@@ -8,6 +8,7 @@ import contextlib
 import re
 import socket
 import threading
+import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Iterator
@@ -17,13 +18,16 @@ class MirrorServer:
     """Serves `files` (url path -> bytes) with HEAD, ETag and single byte ranges.
 
     Faults, per url path: `cut_gets[path]` = which GETs of that path (1-based) stop
-    half-way through the body and close the connection; `corrupt` = paths served
-    with one byte flipped; `status[path]` = an error status served instead.
+    half-way through the body and close the connection; `stall_gets[path]` = which GETs
+    wait `stall_seconds` before the body; `corrupt` = paths served with one byte
+    flipped; `status[path]` = an error status served instead.
     """
 
     def __init__(self, files: dict[str, bytes]):
         self.files = dict(files)
         self.cut_gets: dict[str, set[int]] = {}
+        self.stall_gets: dict[str, set[int]] = {}
+        self.stall_seconds = 1.0
         self.corrupt: set[str] = set()
         self.status: dict[str, int] = {}
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -88,12 +92,17 @@ def _handler_for(server: MirrorServer):
                 self._send_headers(206, len(body), f"bytes {start}-{end - 1}/{len(data)}")
             else:
                 self._send_headers(200, len(body))
-            if ordinal in server.cut_gets.get(self.path, set()):
-                self.wfile.write(body[: len(body) // 2])
-                self.wfile.flush()
+            try:
+                if ordinal in server.stall_gets.get(self.path, set()):
+                    time.sleep(server.stall_seconds)
+                if ordinal in server.cut_gets.get(self.path, set()):
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(body)
+            except (BrokenPipeError, ConnectionResetError):  # the client gave up first
                 self.close_connection = True
-                return
-            self.wfile.write(body)
 
         def _refuse(self) -> bool:
             code = server.status.get(self.path) or (404 if self.path not in server.files else None)
@@ -139,7 +148,12 @@ def gcs_emulator() -> Iterator[str]:
 
     port = free_port()
     server = create_server("127.0.0.1", port, in_memory=True)
-    server.start()
+    # start() waits forever when the server thread fails to bind, so bound the wait
+    starter = threading.Thread(target=server.start, daemon=True)
+    starter.start()
+    starter.join(timeout=10)
+    if starter.is_alive():
+        raise RuntimeError(f"emulator did not start on 127.0.0.1:{port} within 10 s")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

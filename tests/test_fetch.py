@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -97,9 +98,11 @@ def test_select_shards_count_list_all_and_errors():
 def test_url_builders_follow_download_py():
     assert plan_url("http://data.yt8m.org", 2, "frame", "validate") == \
         "http://data.yt8m.org/2/download_plans/frame_validate.json"
-    assert shard_folder_url("http://data.yt8m.org/", 2, "frame", "train", "eu") == "http://eu.data.yt8m.org/2/frame/train"
+    assert shard_folder_url("http://data.yt8m.org/", 2, "frame", "train", "eu") == \
+        "http://eu.data.yt8m.org/2/frame/train"
     assert shard_folder_url("http://127.0.0.1:8000", 2, "video", "test", "eu") == "http://127.0.0.1:8000/2/video/test"
-    assert shard_folder_url("gs://us.data.yt8m.org", 1, "video", "train", "us") == "gs://us.data.yt8m.org/1/video_level/train"
+    assert shard_folder_url("gs://us.data.yt8m.org", 1, "video", "train", "us") == \
+        "gs://us.data.yt8m.org/1/video_level/train"
     assert plan_url("gs://youtube8m-ml", 2, "video", "train") is None
 
 
@@ -107,7 +110,7 @@ def test_url_builders_follow_download_py():
 
 def test_file_mirror_with_plan_selects_and_renames(tmp_path):
     remote = {"train": ["trainaa.tfrecord", "trainab.tfrecord", "trainba.tfrecord"],
-              "validate": ["validateaa.tfrecord", "validateab.tfrecord", "validateac.tfrecord"],
+              "validate": ["validate0000.tfrecord", "validate0001.tfrecord", "validate0002.tfrecord"],  # as generated
               "test": [f"test{c}a.tfrecord" for c in "abcdefgh"]}
     contents = write_mirror(tmp_path / "mirror", remote)
     params = data_params(f"file://{tmp_path / 'mirror'}", splits=["train", "validate", "test"],
@@ -137,12 +140,12 @@ def test_file_mirror_without_plan_lists_the_folder(tmp_path):
     (tmp_path / "mirror" / "2" / "frame" / "train" / "README.txt").write_text("not a shard")
     params = data_params(f"file://{tmp_path / 'mirror'}", levels=["frame"], shards={"train": [1, 3]})
     manifest = fetch_quiet(params, tmp_path)
-    assert [e["name"] for e in manifest["files"]] == ["2/frame/train/train0001.tfrecord", "2/frame/train/train0003.tfrecord"]
+    shards = ["2/frame/train/train0001.tfrecord", "2/frame/train/train0003.tfrecord"]
+    assert [e["name"] for e in manifest["files"]] == shards
     for entry in manifest["files"]:
         name = entry["name"].rsplit("/", 1)[1]
         assert entry["md5"] == hashlib.md5(contents[name]).hexdigest()
-    assert files_under(tmp_path / "dest") == ["2/frame/train/train0001.tfrecord", "2/frame/train/train0001.tfrecord.verified.json",
-                                              "2/frame/train/train0003.tfrecord", "2/frame/train/train0003.tfrecord.verified.json"]
+    assert files_under(tmp_path / "dest") == [shards[0], shards[0] + ".verified.json", shards[1], shards[1] + ".verified.json"]
 
 
 def test_missing_file_mirror_folder_is_a_one_line_error(tmp_path):
@@ -165,12 +168,17 @@ def test_rerun_skips_verified_shards_and_replaces_stale_parts(tmp_path, monkeypa
 
     copied = []
     real_copy = fetch._copy_to_part
-    monkeypatch.setattr(fetch, "_copy_to_part", lambda ctx, shard, *a: copied.append(shard.local_name) or real_copy(ctx, shard, *a))
+    def counting_copy(ctx, shard, *args):
+        copied.append(shard.local_name)
+        return real_copy(ctx, shard, *args)
+
+    monkeypatch.setattr(fetch, "_copy_to_part", counting_copy)
     second = fetch_quiet(params, tmp_path)
     assert sorted(copied) == ["train0001.tfrecord", "train0002.tfrecord"]
     assert [e["md5"] for e in second["files"]] == [e["md5"] for e in first["files"]]
     assert not list(shard_dir.glob("*.part"))
-    assert (shard_dir / "train0001.tfrecord").read_bytes() == (tmp_path / "mirror/2/video/train/trainab.tfrecord").read_bytes()
+    source_bytes = (tmp_path / "mirror/2/video/train/trainab.tfrecord").read_bytes()
+    assert (shard_dir / "train0001.tfrecord").read_bytes() == source_bytes
     assert (shard_dir / "train0002.tfrecord").read_bytes() == good
     assert (shard_dir / "train0000.tfrecord.verified.json").exists()
 
@@ -294,6 +302,16 @@ def test_http_errors_retry_then_fail_in_one_line(tmp_path, status, reason):
     assert not list((tmp_path / "dest").rglob("*.tfrecord*"))
 
 
+def test_http_stalled_response_times_out_and_is_retried(tmp_path):
+    files, shards = http_mirror(count=1, size=1000)
+    path = "/2/video/train/trainaa.tfrecord"
+    with MirrorServer(files) as server:
+        server.stall_gets[path] = {1}
+        manifest = fetch_quiet(data_params(server.url), tmp_path, retry=replace(FAST, timeout=0.3))
+        assert server.count("GET", path) == 2
+    assert manifest["files"][0]["md5"] == hashlib.md5(shards["trainaa.tfrecord"]).hexdigest()
+
+
 def test_http_missing_plan_is_an_error(tmp_path):
     with MirrorServer({}) as server:
         with pytest.raises(FetchError, match="download_plans/video_train.json: not found"):
@@ -312,12 +330,14 @@ def test_progress_bar_goes_to_stderr(tmp_path, capsys):
 
 @pytest.fixture
 def emulator(monkeypatch):
+    server = gcs_emulator()
     try:
-        with gcs_emulator() as host:
-            monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
-            yield host
-    except Exception as err:  # noqa: BLE001 -- any start failure means: cannot test here
+        host = server.__enter__()
+    except Exception as err:  # noqa: BLE001 -- whatever stops it starting means: cannot test here
         pytest.skip(f"gcp-storage-emulator could not start: {err}")
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", host)
+    yield host
+    server.__exit__(None, None, None)
 
 
 def test_gcs_bucket_is_listed_and_verified_against_md5hash(tmp_path, emulator):
@@ -339,7 +359,8 @@ def test_gcs_bucket_is_listed_and_verified_against_md5hash(tmp_path, emulator):
         assert (tmp_path / "dest" / entry["name"]).read_bytes() == shards[name]
 
 
-def test_gcs_metadata_mismatch_fails(tmp_path, emulator, monkeypatch):
+@pytest.mark.parametrize("lie", ["md5", "crc32c"])
+def test_gcs_metadata_mismatch_fails(tmp_path, emulator, monkeypatch, lie):
     from gcsfs.core import GCSFileSystem
 
     uploader = GCSFileSystem(token="anon", skip_instance_cache=True)
@@ -348,11 +369,18 @@ def test_gcs_metadata_mismatch_fails(tmp_path, emulator, monkeypatch):
     real_list = fetch._Source.list_folder
 
     def lying_listing(self, url):
-        return {name: fetch.Expected(md5="0" * 32, size=e.size) for name, e in real_list(self, url).items()}
+        return {name: fetch.Expected(**{lie: "0" * (32 if lie == "md5" else 8)}, size=e.size)
+                for name, e in real_list(self, url).items()}
 
     monkeypatch.setattr(fetch._Source, "list_folder", lying_listing)
-    with pytest.raises(FetchError, match=f"expected {'0' * 32}, got {hashlib.md5(b'x' * 5000).hexdigest()}"):
+    if lie == "md5":
+        actual = hashlib.md5(b"x" * 5000).hexdigest()
+    else:
+        import google_crc32c
+        actual = google_crc32c.Checksum(b"x" * 5000).digest().hex()
+    with pytest.raises(FetchError, match=f"{lie} mismatch: expected 0+, got {actual} after 3 attempts"):
         fetch_quiet(data_params("gs://bucket"), tmp_path)
+    assert not list((tmp_path / "dest").rglob("*.tfrecord*"))
 
 
 # ---------------------------------------------------------------- real shards (read-only, never copied into the repo)
