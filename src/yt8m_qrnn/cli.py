@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 
-from .config import ParamsError, load_params, sync_params_stamp
+from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -26,8 +26,18 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
             raise ParamsError(f"{args.params}: models: no model named {args.model!r} (defined: {', '.join(params['models'])})")
         model = args.model if takes_model else None
         sync_params_stamp(params, stage.__name__, model)
+        if "DVC_STAGE" in os.environ:
+            forget_snakemake_benchmark(stage.__name__, model)
         stage(params, model) if takes_model else stage(params)
     except EXPECTED_ERRORS as err:
         logging.getLogger("yt8m_qrnn").debug("details", exc_info=True)
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+
+
+def forget_snakemake_benchmark(stage: str, model: str | None) -> None:
+    """Under `dvc repro`, drop Snakemake's benchmark of an earlier run of this stage:
+    Snakemake counts it among the job's outputs, so a stale one would look out of date."""
+    path = benchmark_path(stage, model)
+    if os.path.exists(path):
+        os.remove(path)

@@ -160,3 +160,8 @@ def sync_params_stamp(params: dict, stage: str, model: str | None = None) -> Pat
         tmp.write_text(text)
         tmp.replace(path)
     return path
+
+
+def benchmark_path(stage: str, model: str | None = None) -> str:
+    """Where Snakemake records a stage's `benchmark:` (also the pattern, with model="{model}")."""
+    return f"logs/benchmark/{stage}/{model}.tsv" if model else f"logs/benchmark/{stage}.tsv"

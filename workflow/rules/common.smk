@@ -1,10 +1,11 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
-from yt8m_qrnn.config import ParamsError, sync_params_stamp, validate_params  # noqa: E402
+from yt8m_qrnn.config import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
 
 try:
     validate_params(config, source="params.yaml")
@@ -32,7 +33,22 @@ for model in MODELS:
 
 
 def commit_dvc_lock():
-    """Record what Snakemake built in dvc.lock, so `dvc repro` has nothing left to do."""
+    """Record what Snakemake built in dvc.lock, so `dvc repro` has nothing left to do.
+
+    `dvc commit` may rewrite cached outputs from its cache (new mtimes), which would
+    make Snakemake see them as updated; their times are put back afterwards.
+    """
+    times = {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in output_files()}
     result = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
     if result.returncode != 0:
         print(f"warning: dvc commit failed; dvc.lock not updated: {result.stderr.strip()}", file=sys.stderr)
+    for path, (atime, mtime) in sorted(times.items(), reverse=True):  # files before their folders
+        if path.exists() and path.stat().st_mtime_ns != mtime:
+            os.utime(path, ns=(atime, mtime))
+
+
+def output_files():
+    for folder in ("results", "resources"):
+        for root, dirs, files in os.walk(folder):
+            yield Path(root)
+            yield from (Path(root) / name for name in files)

@@ -8,7 +8,7 @@ rule generate:
     log:
         "logs/generate.log",
     benchmark:
-        "logs/benchmark/generate.tsv"
+        benchmark_path("generate")
     conda:
         CONDA_ENV
     shell:
@@ -27,7 +27,7 @@ rule fetch:
     log:
         "logs/fetch.log",
     benchmark:
-        "logs/benchmark/fetch.tsv"
+        benchmark_path("fetch")
     conda:
         CONDA_ENV
     shell:
@@ -48,7 +48,7 @@ rule index:
     log:
         "logs/index.log",
     benchmark:
-        "logs/benchmark/index.tsv"
+        benchmark_path("index")
     conda:
         CONDA_ENV
     shell:

@@ -15,7 +15,7 @@ rule train:
     log:
         "logs/train/{model}.log",
     benchmark:
-        "logs/benchmark/train/{model}.tsv"
+        benchmark_path("train", "{model}")
     conda:
         CONDA_ENV
     shell:
@@ -41,7 +41,7 @@ rule evaluate:
     log:
         "logs/evaluate/{model}.log",
     benchmark:
-        "logs/benchmark/evaluate/{model}.tsv"
+        benchmark_path("evaluate", "{model}")
     conda:
         CONDA_ENV
     shell:

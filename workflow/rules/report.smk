@@ -13,8 +13,12 @@ rule report:
         code=f"{PY}/report.py",
         reference=f"{PY}/paper_numbers.yaml",
     output:
+        # `snakemake --report report.html` shows these: the report, every figure, every table (HTML).
         report=report("results/report.md", category="Report"),
-        figures=report(directory("results/figures"), patterns=["{name}.png"], category="Figures"),
+        figures=report(directory("results/figures"), patterns=["{name}.png"], category="Figures",
+                       labels={"figure": "{name}"}),
+        tables=report(directory("results/tables"), patterns=["{name}.html"], category="Tables",
+                      labels={"table": "{name}"}),
     log:
         "logs/report.log",
     benchmark:

@@ -1,0 +1,430 @@
+"""The index stage: one checked pass over every shard, giving one row per record.
+
+Every record's framing and CRCs are verified and its protobuf parsed enough to
+check the id, the labels and the feature sizes. Rows locate records by shard and
+header byte offset (tfrecord.read_record_at) and carry id, sorted labels and
+frame count; assign_subsets then splits the videos into train / eval / test by a
+salted hash of the id alone.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from itertools import chain
+from operator import attrgetter
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from google.protobuf.message import DecodeError
+from tensorflow.core.example import example_pb2, feature_pb2
+
+from .config import NUM_CLASSES
+from .io import atomic_path, write_json
+from .tfrecord import CorruptRecordError, RecordError, iter_records, read_file, scan_buffer, write_records
+
+RGB_DIM, AUDIO_DIM = 1024, 128
+ID_KEYS = {2: "id", 1: "video_id"}
+LEVELS = ("video", "frame")
+SUBSETS = ("train", "eval", "test")
+COLUMNS = ["shard", "level", "split", "offset", "length", "id", "labels", "num_frames"]
+PARQUET_SCHEMA = pa.schema([
+    ("shard", pa.string()), ("level", pa.string()), ("split", pa.string()),
+    ("offset", pa.int64()), ("length", pa.int64()), ("id", pa.string()),
+    ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("subset", pa.string()),
+])
+# Below this many bytes in all, forking workers costs more than it saves.
+PARALLEL_MIN_BYTES = 64 << 20
+
+_BYTES_VALUES = attrgetter("bytes_list.value")
+
+__all__ = [
+    "BadRecordError", "parse_video_record", "index_shards", "assign_subsets", "label_statistics",
+    "run_index", "derive_video_level", "derive_video_shards", "dequantize",
+]
+
+
+class BadRecordError(RecordError):
+    """A record with valid framing that is not a usable YouTube-8M example."""
+
+    def __init__(self, reason, path=None, offset=None):
+        super().__init__(path, offset, reason)
+
+    def at(self, path, offset) -> BadRecordError:
+        return BadRecordError(self.reason, path, offset)
+
+
+# ---------------------------------------------------------------- parsing one record
+
+def parse_video_record(data: bytes, version: int, level: str) -> tuple[str, list[int], int]:
+    """(video id, sorted labels, number of frames) of one record; BadRecordError if unusable.
+
+    Video level counts as 1 frame; unlabelled (test) records give [].
+    """
+    return _parser(version, level)(data)
+
+
+@functools.cache
+def _parser(version: int, level: str) -> Callable[[bytes], tuple[str, list[int], int]]:
+    if version not in ID_KEYS:
+        raise ValueError(f"unknown YouTube-8M version {version!r}; expected one of {sorted(ID_KEYS)}")
+    if level == "video":
+        return functools.partial(_parse_video, ID_KEYS[version], NUM_CLASSES[version])
+    if level == "frame":
+        return functools.partial(_parse_frame, ID_KEYS[version], NUM_CLASSES[version])
+    raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
+
+
+def _parse_video(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
+    try:
+        feats = example_pb2.Example.FromString(data).features.feature
+    except DecodeError as err:
+        raise BadRecordError(f"not a tf.train.Example: {err}") from None
+    # The common case in one expression; anything unusual goes to the slower checks, which explain it.
+    ids = feats[id_key].bytes_list.value
+    labels = feats["labels"].int64_list.value[:]
+    labels.sort()
+    if not (len(ids) == 1 and ids[0] and labels and labels[0] >= 0 and labels[-1] < num_classes
+            and len(feats["mean_rgb"].float_list.value) == RGB_DIM
+            and len(feats["mean_audio"].float_list.value) == AUDIO_DIM):
+        _check_context(feats, id_key, num_classes)
+        _check_floats(feats, "mean_rgb", RGB_DIM)
+        _check_floats(feats, "mean_audio", AUDIO_DIM)
+    return _decode_id(ids[0], id_key), labels, 1
+
+
+def _parse_frame(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
+    try:
+        seq = example_pb2.SequenceExample.FromString(data)
+    except DecodeError as err:
+        raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
+    video_id, labels, rgb, _ = _frame_fields(seq, id_key, num_classes)
+    return video_id, labels, len(rgb)
+
+
+def _frame_fields(seq, id_key: str, num_classes: int) -> tuple[str, list[int], np.ndarray, np.ndarray]:
+    """id, sorted labels and the uint8 rgb [frames, 1024] and audio [frames, 128] of a frame-level record."""
+    context = seq.context.feature
+    ids = context[id_key].bytes_list.value
+    labels = context["labels"].int64_list.value[:]
+    labels.sort()
+    if not (len(ids) == 1 and ids[0] and labels and labels[0] >= 0 and labels[-1] < num_classes):
+        _check_context(context, id_key, num_classes)
+    lists = seq.feature_lists.feature_list
+    rgb, audio = lists["rgb"], lists["audio"]
+    if not rgb.feature:
+        raise BadRecordError("no 'rgb' frames (not a frame-level SequenceExample?)")
+    if len(audio.feature) != len(rgb.feature):
+        raise BadRecordError(f"{len(rgb.feature)} 'rgb' frames but {len(audio.feature)} 'audio' frames")
+    return _decode_id(ids[0], id_key), labels, _frames(rgb, "rgb", RGB_DIM), _frames(audio, "audio", AUDIO_DIM)
+
+
+def _check_context(feats, id_key: str, num_classes: int) -> None:
+    """Raise BadRecordError describing what is wrong with the id or labels, if anything."""
+    ids = feats[id_key].bytes_list.value
+    if len(ids) == 1 and not ids[0]:
+        raise BadRecordError(f"{id_key!r} is empty")
+    if len(ids) != 1:
+        _bad_feature(feats, id_key, "one bytes value")
+    labels = feats["labels"].int64_list.value
+    for label in labels:
+        if not 0 <= label < num_classes:
+            raise BadRecordError(f"label {label} out of range [0, {num_classes})")
+    if not labels and feats["labels"].WhichOneof("kind") not in (None, "int64_list"):
+        _bad_feature(feats, "labels", "int64 values")
+
+
+def _check_floats(feats, key: str, size: int) -> None:
+    if len(feats[key].float_list.value) != size:
+        _bad_feature(feats, key, f"{size} floats")
+
+
+def _decode_id(raw: bytes, id_key: str) -> str:
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        raise BadRecordError(f"{id_key!r} is not UTF-8: {raw[:40]!r}") from None
+
+
+def _bad_feature(feats, key: str, expected: str):
+    kind = feats[key].WhichOneof("kind")
+    if kind is None:  # absent (our lookup inserted an empty one) or empty
+        present = sorted(k for k in feats if feats[k].WhichOneof("kind"))
+        raise BadRecordError(f"no {key!r} feature (expected {expected}; features: {', '.join(present) or 'none'})")
+    count = len(getattr(feats[key], kind).value)
+    raise BadRecordError(f"{key!r} has {count} {kind} values, expected {expected}")
+
+
+def _frame_prefix(width: int) -> np.ndarray:
+    """The bytes that precede each frame in a serialized FeatureList of single `width`-byte frames."""
+    one = feature_pb2.FeatureList()
+    one.feature.add().bytes_list.value.append(bytes(width))
+    return np.frombuffer(one.SerializeToString()[:-width], np.uint8)
+
+
+_FRAME_PREFIX = {width: _frame_prefix(width) for width in (RGB_DIM, AUDIO_DIM)}
+
+
+def _frames(feature_list, name: str, width: int) -> np.ndarray:
+    """uint8 [frames, width]; BadRecordError unless every frame is exactly one `width`-byte string.
+
+    Fast path: re-serialize the list (one C call) and check every frame's prefix
+    with numpy, instead of touching each frame from Python. Lists this does not
+    recognise (valid ones with unknown fields, say) get the per-frame check.
+    """
+    prefix = _FRAME_PREFIX[width]
+    count, stride = len(feature_list.feature), len(prefix) + width
+    raw = np.frombuffer(feature_list.SerializeToString(), np.uint8)
+    if raw.size == count * stride:
+        rows = raw.reshape(count, stride)
+        if (rows[:, :len(prefix)] == prefix).all():
+            return rows[:, len(prefix):]
+    values = list(map(_BYTES_VALUES, feature_list.feature))
+    for i, frame_values in enumerate(values):
+        if len(frame_values) != 1 or len(frame_values[0]) != width:
+            sizes = [len(v) for v in frame_values]
+            raise BadRecordError(f"{name!r} frame {i} holds byte strings of sizes {sizes}, expected one of {width}")
+    return np.frombuffer(b"".join(v[0] for v in values), np.uint8).reshape(count, width)
+
+
+# ---------------------------------------------------------------- indexing shards
+
+def index_shards(
+    shards: Iterable[tuple[Path, str, str, str]],
+    version: int,
+    on_bad_record: str = "fail",
+    workers: int | None = None,
+) -> tuple[pd.DataFrame, list[dict]]:
+    """Index (path, relative name, level, split) shards: one row per good record, and the bad records.
+
+    on_bad_record 'fail' raises a RecordError naming the file and offset; 'skip'
+    lists {shard, offset, reason} for each bad record and indexes the rest.
+    workers: processes (default: one per core when there is enough data).
+    """
+    if on_bad_record not in ("fail", "skip"):
+        raise ValueError(f"on_bad_record must be 'fail' or 'skip', not {on_bad_record!r}")
+    tasks = [(Path(path), name, level, split, version, on_bad_record == "skip")
+             for path, name, level, split in shards]
+    for _, name, level, *_ in tasks:
+        if level not in LEVELS:
+            raise ValueError(f"{name}: unknown level {level!r}; expected one of {LEVELS}")
+    _parser(version, "video")  # unknown version: fail here, not in a worker
+    with _gc_paused():
+        results = _map_tasks(tasks, workers)
+        bad = [entry for _, entries in results for entry in entries]
+        return _rows_frame(tasks, [rows for rows, _ in results]), bad
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """The rows are millions of small acyclic objects; cyclic GC passes over them only cost time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _index_shard(task) -> tuple[list[tuple], list[dict]]:
+    path, name, level, split, version, skip = task
+    parse = _parser(version, level)
+    rows, bad = [], []
+    for offset, data, problem in scan_buffer(read_file(path)):
+        if problem is None:
+            try:
+                rows.append((offset, len(data), *parse(data)))
+                continue
+            except BadRecordError as err:
+                if not skip:
+                    raise err.at(path, offset) from None
+                problem = err.reason
+        elif not skip:
+            raise CorruptRecordError(path, offset, problem)
+        bad.append({"shard": name, "offset": offset, "reason": problem})
+    return rows, bad
+
+
+def _map_tasks(tasks: list[tuple], workers: int | None) -> list:
+    if workers is None:
+        enough = sum(os.path.getsize(t[0]) for t in tasks) >= PARALLEL_MIN_BYTES
+        workers = _cpu_count() if enough else 1
+    workers = min(workers, len(tasks))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [_index_shard(task) for task in tasks]
+    # fork: the workers inherit the imported protobuf classes instead of importing TensorFlow again
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        return list(pool.map(_index_shard, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _rows_frame(tasks: list[tuple], shard_rows: list[list[tuple]]) -> pd.DataFrame:
+    counts = [len(rows) for rows in shard_rows]
+    offsets, lengths, ids, labels, frames = (list(column) for column in zip(*chain.from_iterable(shard_rows))) \
+        if sum(counts) else ([], [], [], [], [])
+
+    def per_shard(position: int) -> np.ndarray:
+        return np.repeat(np.array([t[position] for t in tasks], dtype=object), counts)
+
+    return pd.DataFrame({
+        "shard": pd.Series(per_shard(1), dtype=str),
+        "level": pd.Series(per_shard(2), dtype=str),
+        "split": pd.Series(per_shard(3), dtype=str),
+        "offset": np.array(offsets, dtype=np.int64),
+        "length": np.array(lengths, dtype=np.int64),
+        "id": pd.Series(ids, dtype=str),
+        "labels": pd.Series(labels, dtype=object),
+        "num_frames": np.array(frames, dtype=np.int32),
+    })
+
+
+# ---------------------------------------------------------------- subsets and statistics
+
+def hash_bucket(salt: str, video_id: str) -> float:
+    """Uniform in [0, 1), a function of (salt, id) only."""
+    return int(hashlib.sha256((salt + video_id).encode()).hexdigest()[:16], 16) / 2**64
+
+
+def assign_subsets(df: pd.DataFrame, eval_splits: list[str], eval_fraction: float, salt: str) -> pd.DataFrame:
+    """A copy of df with column `subset`.
+
+    'test': unlabelled videos of a split named 'test'; 'eval': videos of
+    eval_splits whose hash bucket is below eval_fraction; 'train': the rest.
+    """
+    buckets = np.array([hash_bucket(salt, video_id) for video_id in df["id"]], dtype=np.float64)
+    unlabelled = np.array([len(labels) == 0 for labels in df["labels"]], dtype=bool)
+    test = (df["split"].to_numpy() == "test") & unlabelled
+    held_out = df["split"].isin(list(eval_splits)).to_numpy() & (buckets < eval_fraction)
+    out = df.copy()
+    out["subset"] = pd.Series(np.where(test, "test", np.where(held_out, "eval", "train")), index=df.index, dtype=str)
+    return out
+
+
+def label_statistics(df: pd.DataFrame, num_classes: int) -> dict:
+    """Per-subset counts of an index with subsets (assign_subsets).
+
+    A video indexed at both levels counts once (labels are per video); frame
+    statistics come from frame-level rows only.
+    """
+    stats = {"num_classes": num_classes, "rows": int(len(df)),
+             "rows_per_level": {level: int((df["level"] == level).sum()) for level in LEVELS},
+             "subsets": {}}
+    for subset in SUBSETS:
+        rows = df[df["subset"] == subset]
+        videos = rows.drop_duplicates("id")
+        label_counts = np.fromiter((len(labels) for labels in videos["labels"]), np.int64, len(videos))
+        flat = np.fromiter(chain.from_iterable(videos["labels"]), np.int64, int(label_counts.sum()))
+        positives = np.bincount(flat, minlength=num_classes)
+        frames = rows.loc[rows["level"] == "frame", "num_frames"].to_numpy(np.int64)
+        stats["subsets"][subset] = {
+            "videos": int(len(videos)),
+            "rows_per_level": {level: int((rows["level"] == level).sum()) for level in LEVELS},
+            "labels": int(label_counts.sum()),
+            "videos_without_labels": int((label_counts == 0).sum()),
+            "mean_labels_per_video": float(label_counts.mean()) if len(videos) else 0.0,
+            "classes_with_positives": int(np.count_nonzero(positives)),
+            "positives_per_class": positives.tolist(),
+            "frames": _frame_stats(frames),
+        }
+    return stats
+
+
+def _frame_stats(frames: np.ndarray) -> dict:
+    if not len(frames):
+        return {"videos": 0, "total": 0, "min": None, "mean": None, "max": None}
+    return {"videos": int(len(frames)), "total": int(frames.sum()), "min": int(frames.min()),
+            "mean": float(frames.mean()), "max": int(frames.max())}
+
+
+# ---------------------------------------------------------------- the stage
+
+def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
+              out_parquet: Path, stats_json: Path) -> pd.DataFrame:
+    """Index the manifest's shards, assign subsets, write the parquet index and label statistics.
+
+    Both outputs are written under temporary names and renamed; on any error
+    neither final name is left behind (stale ones are removed too).
+    """
+    out_parquet, stats_json = Path(out_parquet), Path(stats_json)
+    shards = [(Path(data_root) / f["name"], f["name"], f["level"], f["split"]) for f in manifest["files"]]
+    try:
+        df, bad = index_shards(shards, version, index_params["on_bad_record"])
+        df = assign_subsets(df, index_params["eval_splits"], index_params["eval_fraction"], index_params["salt"])
+        stats = label_statistics(df, NUM_CLASSES[version])
+        stats["shards"] = len(shards)
+        stats["bad_records"] = {"count": len(bad), "records": bad}
+        table = pa.Table.from_pandas(df, schema=PARQUET_SCHEMA, preserve_index=False)
+        with atomic_path(out_parquet) as tmp:
+            pq.write_table(table, tmp)
+        write_json(stats_json, stats)
+    except BaseException:
+        out_parquet.unlink(missing_ok=True)
+        stats_json.unlink(missing_ok=True)
+        raise
+    return df
+
+
+# ---------------------------------------------------------------- video level from frame level
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    """uint8 -> float32 as the YouTube-8M starter code: q*4/255 + 4/512 - 2."""
+    return q.astype(np.float32) * np.float32(4.0 / 255.0) + np.float32(4.0 / 512.0 - 2.0)
+
+
+def derive_video_level(frame_record: bytes, version: int) -> bytes:
+    """A video-level tf.train.Example from a frame-level record: same id and labels,
+    mean_rgb / mean_audio the float32 mean over frames of the dequantized features."""
+    id_key = ID_KEYS[version]
+    try:
+        seq = example_pb2.SequenceExample.FromString(frame_record)
+    except DecodeError as err:
+        raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
+    _, _, rgb, audio = _frame_fields(seq, id_key, NUM_CLASSES[version])
+    example = example_pb2.Example()
+    out = example.features.feature
+    out[id_key].CopyFrom(seq.context.feature[id_key])
+    if seq.context.feature["labels"].int64_list.value:
+        out["labels"].CopyFrom(seq.context.feature["labels"])
+    out["mean_rgb"].float_list.value.extend(_mean_dequantized(rgb).tolist())
+    out["mean_audio"].float_list.value.extend(_mean_dequantized(audio).tolist())
+    return example.SerializeToString()
+
+
+def _mean_dequantized(frames: np.ndarray) -> np.ndarray:
+    return dequantize(frames).mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
+def derive_video_shards(frame_shard_paths: Iterable[Path], out_dir: Path, version: int = 2) -> list[Path]:
+    """Write out_dir/<same file name> holding derive_video_level of every record of each frame shard."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in map(Path, frame_shard_paths):
+        records = [_derive_located(path, offset, data, version) for offset, data in iter_records(path)]
+        write_records(out_dir / path.name, records)
+        written.append(out_dir / path.name)
+    return written
+
+
+def _derive_located(path: Path, offset: int, data: bytes, version: int) -> bytes:
+    try:
+        return derive_video_level(data, version)
+    except BadRecordError as err:
+        raise err.at(path, offset) from None

@@ -1,0 +1,180 @@
+"""TFRecord framing: reading with CRC checks, and writing.
+
+A record is a uint64 data length (little endian), the masked crc32c of those 8
+bytes (uint32), the data, and the masked crc32c of the data (uint32).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import BinaryIO, Iterable, Iterator
+
+import google_crc32c
+import numpy as np
+
+HEADER = struct.Struct("<QI")
+FOOTER = struct.Struct("<I")
+HEADER_SIZE = HEADER.size
+FOOTER_SIZE = FOOTER.size
+_MASK_DELTA = 0xA282EAD8
+_U32 = 0xFFFFFFFF
+_RESYNC_CHUNK = 1 << 22  # header candidates examined per numpy pass while resynchronising
+
+
+class RecordError(ValueError):
+    """A record that cannot be used. str: one line naming the file and byte offset when known."""
+
+    def __init__(self, path, offset, reason):
+        super().__init__(path, offset, reason)
+        self.path = None if path is None else str(path)
+        self.offset = offset
+        self.reason = " ".join(str(reason).split())  # always one line
+
+    def __str__(self):
+        if self.path is None:
+            return self.reason
+        return f"{self.path}: record at byte offset {self.offset}: {self.reason}"
+
+    def __reduce__(self):  # subclasses may order their arguments differently
+        return _rebuild_error, (type(self), self.path, self.offset, self.reason)
+
+
+def _rebuild_error(cls, path, offset, reason):
+    err = cls.__new__(cls)
+    RecordError.__init__(err, path, offset, reason)
+    return err
+
+
+class CorruptRecordError(RecordError):
+    """The TFRecord framing is broken: truncated, or a length or data CRC mismatch."""
+
+
+def masked_crc(data: bytes) -> int:
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32
+
+
+def scan_buffer(buf: bytes, verify: bool = True) -> Iterator[tuple[int, bytes | None, str | None]]:
+    """Walk the records of a whole file held in `buf`.
+
+    Yields (offset, data, None) for each good record and (offset, None, reason)
+    for each broken one. A data CRC mismatch skips just that record. After a bad
+    length CRC the length cannot be trusted: if the consumer goes on, the scan
+    resumes at the next offset holding a whole valid record. Truncation ends it.
+    """
+    size = len(buf)
+    unpack_header, unpack_footer, crc32c = HEADER.unpack_from, FOOTER.unpack_from, google_crc32c.value
+    pos = 0
+    while pos < size:
+        if size - pos < HEADER_SIZE:
+            yield pos, None, f"truncated header: {size - pos} bytes left, a header needs {HEADER_SIZE}"
+            return
+        length, length_crc = unpack_header(buf, pos)
+        if verify:  # masked_crc() inlined: this loop runs once per record
+            crc = crc32c(buf[pos:pos + 8])
+            if (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32 != length_crc:
+                yield pos, None, "bad length crc"
+                pos = _next_valid_record(buf, pos + 1)
+                if pos is None:
+                    return
+                continue
+        start = pos + HEADER_SIZE
+        end = start + length
+        if end + FOOTER_SIZE > size:
+            yield pos, None, (f"truncated data: record claims {length} data bytes + {FOOTER_SIZE} crc bytes, "
+                              f"{size - start} bytes left")
+            return
+        data = buf[start:end]
+        if verify:
+            crc = crc32c(data)
+            if (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32 != unpack_footer(buf, end)[0]:
+                yield pos, None, "bad data crc"
+                pos = end + FOOTER_SIZE
+                continue
+        yield pos, data, None
+        pos = end + FOOTER_SIZE
+
+
+def _record_ok(buf: bytes, pos: int) -> bool:
+    length, length_crc = HEADER.unpack_from(buf, pos)
+    end = pos + HEADER_SIZE + length
+    if end + FOOTER_SIZE > len(buf) or masked_crc(buf[pos:pos + 8]) != length_crc:
+        return False
+    return masked_crc(buf[pos + HEADER_SIZE:end]) == FOOTER.unpack_from(buf, end)[0]
+
+
+def _next_valid_record(buf: bytes, start: int) -> int | None:
+    """First offset >= start where a whole valid record begins, or None.
+
+    numpy reads a candidate length at every byte offset; only lengths that fit in
+    the rest of the file get their CRCs checked, so this is fast even on large shards.
+    """
+    last = len(buf) - HEADER_SIZE - FOOTER_SIZE  # last offset that can hold an empty record
+    for lo in range(start, last + 1, _RESYNC_CHUNK):
+        count = min(_RESYNC_CHUNK, last + 1 - lo)
+        lengths = np.ndarray((count,), "<u8", buf, lo, (1,))
+        room = (last - lo) - np.arange(count, dtype=np.uint64)
+        for pos in (lo + np.flatnonzero(lengths <= room)).tolist():
+            if _record_ok(buf, pos):
+                return pos
+    return None
+
+
+def read_file(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def iter_records(path, verify: bool = True) -> Iterator[tuple[int, bytes]]:
+    """(header byte offset, data) for each record; CorruptRecordError at the first broken one."""
+    for offset, data, problem in scan_buffer(read_file(path), verify):
+        if problem is not None:
+            raise CorruptRecordError(path, offset, problem)
+        yield offset, data
+
+
+def write_records(path, records: Iterable[bytes]) -> list[int]:
+    """Write `records` with TFRecord framing via path + '.tmp'; return their header offsets."""
+    path = Path(path)
+    tmp = Path(f"{path}.tmp")
+    offsets = []
+    pos = 0
+    try:
+        with open(tmp, "wb") as f:
+            for data in records:
+                data = bytes(data)
+                header = struct.pack("<Q", len(data))
+                f.write(header + FOOTER.pack(masked_crc(header)) + data + FOOTER.pack(masked_crc(data)))
+                offsets.append(pos)
+                pos += HEADER_SIZE + len(data) + FOOTER_SIZE
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return offsets
+
+
+def read_record_at(path_or_fileobj: str | os.PathLike | BinaryIO, offset: int) -> bytes:
+    """The verified data of the record whose header starts at byte `offset`."""
+    if isinstance(path_or_fileobj, (str, os.PathLike)):
+        with open(path_or_fileobj, "rb") as f:
+            return _read_record(f, str(path_or_fileobj), offset)
+    return _read_record(path_or_fileobj, getattr(path_or_fileobj, "name", "<file object>"), offset)
+
+
+def _read_record(f: BinaryIO, name: str, offset: int) -> bytes:
+    f.seek(offset)
+    header = f.read(HEADER_SIZE)
+    if len(header) < HEADER_SIZE:
+        raise CorruptRecordError(name, offset, f"truncated header: {len(header)} bytes, a header needs {HEADER_SIZE}")
+    length, length_crc = HEADER.unpack(header)
+    if masked_crc(header[:8]) != length_crc:
+        raise CorruptRecordError(name, offset, "bad length crc")
+    body = f.read(length + FOOTER_SIZE)
+    if len(body) < length + FOOTER_SIZE:
+        raise CorruptRecordError(name, offset, (f"truncated data: record claims {length} data bytes + "
+                                                f"{FOOTER_SIZE} crc bytes, {len(body)} bytes left"))
+    data = body[:length]
+    if masked_crc(data) != FOOTER.unpack_from(body, length)[0]:
+        raise CorruptRecordError(name, offset, "bad data crc")
+    return data

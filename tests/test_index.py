@@ -1,0 +1,534 @@
+"""Tests of tfrecord framing and the index stage, on generated shards and (when present) real ones."""
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from tensorflow.core.example import example_pb2
+
+from yt8m_qrnn import index as ix
+from yt8m_qrnn.tfrecord import (
+    CorruptRecordError, RecordError, iter_records, read_record_at, scan_buffer, write_records,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m"
+SHARD_ALPHABET = string.ascii_lowercase + string.ascii_uppercase + string.digits
+PARAMS = {"eval_splits": ["validate"], "eval_fraction": 0.5, "salt": "s", "on_bad_record": "fail"}
+
+
+# ---------------------------------------------------------------- record builders
+
+def video_record(video_id, labels, version=2, rgb=None, audio=None) -> bytes:
+    example = example_pb2.Example()
+    feats = example.features.feature
+    feats[ix.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
+    if labels is not None:
+        feats["labels"].int64_list.value.extend(labels)
+    feats["mean_rgb"].float_list.value.extend(np.zeros(1024) if rgb is None else rgb)
+    feats["mean_audio"].float_list.value.extend(np.zeros(128) if audio is None else audio)
+    return example.SerializeToString()
+
+
+def frame_record(video_id, labels, rgb, audio, version=2) -> bytes:
+    seq = example_pb2.SequenceExample()
+    seq.context.feature[ix.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
+    if labels is not None:
+        seq.context.feature["labels"].int64_list.value.extend(labels)
+    lists = seq.feature_lists.feature_list
+    for name, frames in (("rgb", rgb), ("audio", audio)):
+        for frame in frames:
+            lists[name].feature.add().bytes_list.value.append(bytes(frame))
+    return seq.SerializeToString()
+
+
+def random_frames(rng, count):
+    return (rng.integers(0, 256, (count, 1024), dtype=np.uint8),
+            rng.integers(0, 256, (count, 128), dtype=np.uint8))
+
+
+def make_dataset(root: Path, rng=None) -> dict:
+    """A small 2018 data root: video and frame train shards, a validate shard, an unlabelled test shard."""
+    rng = rng or np.random.default_rng(0)
+    spec = [  # (name, level, split, number of videos)
+        ("2/video/train/train0000.tfrecord", "video", "train", 30),
+        ("2/video/train/train0001.tfrecord", "video", "train", 25),
+        ("2/frame/train/train0000.tfrecord", "frame", "train", 6),
+        ("2/video/validate/validate0000.tfrecord", "video", "validate", 40),
+        ("2/video/test/test0000.tfrecord", "video", "test", 10),
+    ]
+    files, expected = [], {}
+    for shard_index, (name, level, split, count) in enumerate(spec):
+        records = []
+        for i in range(count):
+            video_id = f"{split[:2]}{i:02d}{SHARD_ALPHABET[shard_index]}{level[0]}"
+            labels = None if split == "test" else sorted(rng.choice(3862, rng.integers(1, 5), replace=False).tolist())
+            if level == "video":
+                records.append(video_record(video_id, labels))
+                num_frames = 1
+            else:
+                num_frames = int(rng.integers(1, 8))
+                records.append(frame_record(video_id, labels, *random_frames(rng, num_frames)))
+            expected[(name, video_id)] = (labels or [], num_frames)
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_records(path, records)
+        files.append({"name": name, "level": level, "split": split})
+    return {"files": files, "expected": expected}
+
+
+def shard_list(root: Path, manifest: dict):
+    return [(root / f["name"], f["name"], f["level"], f["split"]) for f in manifest["files"]]
+
+
+# ---------------------------------------------------------------- tfrecord framing
+
+def test_write_then_iter_and_read_at(tmp_path):
+    records = [b"", b"x", bytes(range(256)) * 40, b"last"]
+    path = tmp_path / "a.tfrecord"
+    offsets = write_records(path, records)
+    assert not Path(f"{path}.tmp").exists()
+    assert list(iter_records(path)) == list(zip(offsets, records))
+    assert offsets == [0, 16, 33, 33 + 16 + 10240]
+    with open(path, "rb") as f:
+        for offset, data in zip(offsets, records):
+            assert read_record_at(path, offset) == data
+            assert read_record_at(f, offset) == data
+
+
+def test_framing_matches_tensorflow_writer(tmp_path):
+    tf = pytest.importorskip("tensorflow")
+    path = str(tmp_path / "tf.tfrecord")
+    with tf.io.TFRecordWriter(path) as writer:
+        for data in (b"abc", b"", b"z" * 1000):
+            writer.write(data)
+    ours = tmp_path / "ours.tfrecord"
+    write_records(ours, [b"abc", b"", b"z" * 1000])
+    assert ours.read_bytes() == Path(path).read_bytes()
+
+
+def test_read_record_at_detects_corruption(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    offsets = write_records(path, [b"hello", b"world"])
+    raw = bytearray(path.read_bytes())
+    raw[offsets[1] + 12] ^= 1
+    path.write_bytes(bytes(raw))
+    assert read_record_at(path, offsets[0]) == b"hello"
+    with pytest.raises(CorruptRecordError, match=rf"a\.tfrecord: record at byte offset {offsets[1]}: bad data crc"):
+        read_record_at(path, offsets[1])
+    with pytest.raises(CorruptRecordError, match="truncated header"):
+        read_record_at(path, len(raw) - 3)
+
+
+def test_resync_after_bad_length_crc(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    records = [bytes([i]) * (100 + i) for i in range(6)]
+    offsets = write_records(path, records)
+    raw = bytearray(path.read_bytes())
+    raw[offsets[2] + 9] ^= 0x40  # the length crc of record 2
+    found = list(scan_buffer(bytes(raw)))
+    assert [(o, d) for o, d, p in found if p is None] == [(offsets[i], records[i]) for i in (0, 1, 3, 4, 5)]
+    [(offset, _, reason)] = [f for f in found if f[2] is not None]
+    assert offset == offsets[2] and reason.startswith("bad length crc")
+    raw[offsets[5] + 9] ^= 0x40  # no valid record follows the last one: the scan just ends
+    assert [o for o, _, p in scan_buffer(bytes(raw)) if p is not None] == [offsets[2], offsets[5]]
+
+
+def test_iter_records_without_verification_ignores_crcs(tmp_path):
+    path = tmp_path / "a.tfrecord"
+    write_records(path, [b"hello", b"world"])
+    raw = bytearray(path.read_bytes())
+    raw[12] ^= 1
+    path.write_bytes(bytes(raw))
+    assert [d for _, d in iter_records(path, verify=False)] == [b"iello", b"world"]
+    with pytest.raises(CorruptRecordError, match="offset 0: bad data crc"):
+        list(iter_records(path))
+
+
+def test_errors_pickle_with_their_location():
+    import pickle
+
+    for err in (CorruptRecordError("f.tfrecord", 12, "bad data crc"), ix.BadRecordError("bad\nthing").at("g", 3)):
+        copy = pickle.loads(pickle.dumps(err))
+        assert type(copy) is type(err) and str(copy) == str(err) and "\n" not in str(copy)
+
+
+# ---------------------------------------------------------------- parsing records
+
+def test_parse_video_and_frame_records():
+    rng = np.random.default_rng(1)
+    assert ix.parse_video_record(video_record("ab", [5, 3]), 2, "video") == ("ab", [3, 5], 1)
+    assert ix.parse_video_record(video_record("ab", None), 2, "video") == ("ab", [], 1)
+    rgb, audio = random_frames(rng, 4)
+    assert ix.parse_video_record(frame_record("fr", [7], rgb, audio), 2, "frame") == ("fr", [7], 4)
+
+
+def test_parse_2017_records_use_video_id_and_get_sorted():
+    record = video_record("vid1", [4715, 2, 300], version=1)
+    assert ix.parse_video_record(record, 1, "video") == ("vid1", [2, 300, 4715], 1)
+    with pytest.raises(ix.BadRecordError, match="no 'id' feature"):
+        ix.parse_video_record(record, 2, "video")
+    with pytest.raises(ix.BadRecordError, match="label 4715 out of range"):
+        ix.parse_video_record(video_record("vid1", [4715], version=2), 2, "video")
+
+
+@pytest.mark.parametrize("record, level, message", [
+    (b"\xff\xff\xff", "video", "not a tf.train.Example"),
+    (video_record("a", [1], rgb=np.zeros(1023)), "video", "'mean_rgb' has 1023 float_list values"),
+    (video_record("a", [1], audio=np.zeros(129)), "video", "'mean_audio' has 129 float_list values"),
+    (video_record("a", [-1]), "video", "label -1 out of range"),
+    (video_record("", [1]), "video", "'id' is empty"),
+    (video_record("a", [1]), "frame", "no 'rgb' frames"),
+    (frame_record("a", [1], np.zeros((2, 1024), np.uint8), np.zeros((2, 128), np.uint8)), "video",
+     "no 'mean_rgb' feature"),
+    (frame_record("a", [1], np.zeros((2, 1024), np.uint8), np.zeros((1, 128), np.uint8)), "frame",
+     "2 'rgb' frames but 1 'audio' frames"),
+    (frame_record("a", [1], [np.zeros(1024, np.uint8), np.zeros(1000, np.uint8)], np.zeros((2, 128), np.uint8)),
+     "frame", r"'rgb' frame 1 holds byte strings of sizes \[1000\], expected one of 1024"),
+])
+def test_parse_rejects_unusable_records(record, level, message):
+    with pytest.raises(ix.BadRecordError, match=message):
+        ix.parse_video_record(record, 2, level)
+
+
+def test_frames_with_unknown_fields_take_the_slow_path():
+    rgb, audio = random_frames(np.random.default_rng(5), 3)
+    seq = example_pb2.SequenceExample.FromString(frame_record("u", [1], rgb, audio))
+    first = seq.feature_lists.feature_list["rgb"].feature[0]
+    first.MergeFromString(b"\x28\x01")  # an unknown varint field 5: valid, but not the usual layout
+    record = seq.SerializeToString()
+    assert ix.parse_video_record(record, 2, "frame") == ("u", [1], 3)
+    derived = example_pb2.Example.FromString(ix.derive_video_level(record, 2)).features.feature
+    expected = ix.dequantize(rgb).mean(axis=0, dtype=np.float64)
+    np.testing.assert_allclose(derived["mean_rgb"].float_list.value, expected, atol=1e-6)
+
+
+def test_frame_with_two_byte_strings_is_rejected():
+    seq = example_pb2.SequenceExample.FromString(frame_record("u", [1], *random_frames(np.random.default_rng(6), 2)))
+    seq.feature_lists.feature_list["audio"].feature[1].bytes_list.value.append(b"")
+    with pytest.raises(ix.BadRecordError, match=r"'audio' frame 1 holds byte strings of sizes \[128, 0\]"):
+        ix.parse_video_record(seq.SerializeToString(), 2, "frame")
+
+
+def test_parse_rejects_labels_of_the_wrong_type():
+    example = example_pb2.Example.FromString(video_record("a", None))
+    example.features.feature["labels"].float_list.value.append(1.0)
+    with pytest.raises(ix.BadRecordError, match="'labels' has 1 float_list values"):
+        ix.parse_video_record(example.SerializeToString(), 2, "video")
+
+
+def test_parse_ignores_the_empty_field_2_of_real_2018_records():
+    assert ix.parse_video_record(video_record("ab", [1]) + b"\x12\x00", 2, "video") == ("ab", [1], 1)
+
+
+# ---------------------------------------------------------------- indexing
+
+def test_index_shards_rows(tmp_path):
+    manifest = make_dataset(tmp_path)
+    df, bad = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail")
+    assert bad == [] and list(df.columns) == ix.COLUMNS
+    assert len(df) == len(manifest["expected"]) == 30 + 25 + 6 + 40 + 10
+    assert df["offset"].dtype == np.int64 and df["length"].dtype == np.int64 and df["num_frames"].dtype == np.int32
+    for row in df.itertuples():
+        labels, num_frames = manifest["expected"][(row.shard, row.id)]
+        assert row.labels == labels and row.num_frames == num_frames
+        data = read_record_at(tmp_path / row.shard, row.offset)
+        assert len(data) == row.length
+        assert ix.parse_video_record(data, 2, row.level)[0] == row.id
+    assert set(df.loc[df["split"] == "test", "labels"].map(len)) == {0}
+    assert df.groupby("shard").size().to_dict() == {
+        f["name"]: n for f, n in zip(manifest["files"], (30, 25, 6, 40, 10))}
+
+
+def test_index_parallel_matches_serial(tmp_path):
+    manifest = make_dataset(tmp_path)
+    serial, _ = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=1)
+    parallel, _ = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=2)
+    pd.testing.assert_frame_equal(serial, parallel)
+
+
+def test_index_2017_shards(tmp_path):
+    path = tmp_path / "1/video/validate/validatea0.tfrecord"
+    path.parent.mkdir(parents=True)
+    write_records(path, [video_record("a0x", [40, 3, 4715], version=1), video_record("a0y", None, version=1)])
+    df, _ = ix.index_shards([(path, "1/video/validate/validatea0.tfrecord", "video", "validate")], 1)
+    assert df["id"].tolist() == ["a0x", "a0y"] and df["labels"].tolist() == [[3, 40, 4715], []]
+
+
+def test_index_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="on_bad_record"):
+        ix.index_shards([], 2, "ignore")
+    with pytest.raises(ValueError, match="unknown level"):
+        ix.index_shards([(tmp_path / "x", "x", "clip", "train")], 2)
+    with pytest.raises(ValueError, match="version"):
+        ix.index_shards([], 3)
+    df, bad = ix.index_shards([], 2)
+    assert df.empty and list(df.columns) == ix.COLUMNS and bad == []
+
+
+# ---------------------------------------------------------------- corruption
+
+def _corrupt(kind: str, path: Path, offsets: list[int]) -> int:
+    """Damage the record at offsets[2] of the shard at `path` in the given way; return that offset."""
+    raw = bytearray(path.read_bytes())
+    target = offsets[2]
+    if kind == "truncated":
+        target = offsets[-1]
+        del raw[target + 20:]
+    elif kind == "data_crc":
+        raw[target + 12 + 40] ^= 0x10
+    elif kind == "length_crc":
+        raw[target + 3] ^= 0x01  # the length itself: its crc no longer matches
+    else:
+        replacement = {
+            "not_example": b"this is not a protobuf \xff\xff",
+            "wrong_example": video_record("x", None),
+            "label_range": frame_record("zz", [3862], np.zeros((2, 1024), np.uint8), np.zeros((2, 128), np.uint8)),
+            "frame_bytes": frame_record("zz", [1], np.zeros((2, 1024), np.uint8), np.zeros((2, 127), np.uint8)),
+        }[kind]
+        records = [data for _, data in iter_records(path)]
+        records[2] = replacement
+        write_records(path, records)
+        return target
+    path.write_bytes(bytes(raw))
+    return target
+
+
+KINDS = {  # kind -> what the error says
+    "truncated": "truncated data", "data_crc": "bad data crc", "length_crc": "bad length crc",
+    "not_example": "not a tf.train.SequenceExample", "wrong_example": "no 'rgb' frames",
+    "label_range": "label 3862 out of range", "frame_bytes": "'audio' frame 0 holds byte strings of sizes",
+}
+
+
+@pytest.fixture
+def damaged(tmp_path, request):
+    """A dataset whose frame shard has one damaged record: (root, manifest, shard name, bad offset, kind)."""
+    manifest = make_dataset(tmp_path)
+    name = "2/frame/train/train0000.tfrecord"
+    offsets = [offset for offset, _ in iter_records(tmp_path / name)]
+    offset = _corrupt(request.param, tmp_path / name, offsets)
+    return tmp_path, manifest, name, offset, request.param
+
+
+@pytest.mark.parametrize("damaged", list(KINDS), indirect=True)
+def test_bad_record_fails_naming_file_and_offset(damaged):
+    root, manifest, name, offset, kind = damaged
+    out, stats = root / "out/index.parquet", root / "out/stats.json"
+    with pytest.raises(RecordError) as caught:
+        ix.index_shards(shard_list(root, manifest), 2, "fail")
+    message = str(caught.value)
+    assert str(root / name) in message and f"offset {offset}:" in message and KINDS[kind] in message
+    assert "\n" not in message
+    with pytest.raises(RecordError):
+        ix.run_index(root, manifest, PARAMS, 2, out, stats)
+    assert not out.exists() and not stats.exists() and not list(out.parent.glob("*"))
+
+
+@pytest.mark.parametrize("damaged", list(KINDS), indirect=True)
+def test_bad_record_skipped_and_counted(damaged):
+    root, manifest, name, offset, kind = damaged
+    out, stats_path = root / "out/index.parquet", root / "out/stats.json"
+    df = ix.run_index(root, manifest, PARAMS | {"on_bad_record": "skip"}, 2, out, stats_path)
+    stats = json.loads(stats_path.read_text())
+    assert stats["bad_records"]["count"] == 1
+    [entry] = stats["bad_records"]["records"]
+    assert entry["shard"] == name and entry["offset"] == offset and KINDS[kind] in entry["reason"]
+    assert len(df) == len(manifest["expected"]) - 1
+    assert (df["shard"] == name).sum() == 5
+    assert offset not in df.loc[df["shard"] == name, "offset"].tolist()
+
+
+def test_skip_counts_every_bad_record(tmp_path):
+    manifest = make_dataset(tmp_path)
+    for name in ("2/video/train/train0001.tfrecord", "2/video/validate/validate0000.tfrecord"):
+        raw = bytearray((tmp_path / name).read_bytes())
+        for offset in [o for o, _ in iter_records(tmp_path / name)][1:4]:
+            raw[offset + 30] ^= 0xFF
+        (tmp_path / name).write_bytes(bytes(raw))
+    df, bad = ix.index_shards(shard_list(tmp_path, manifest), 2, "skip")
+    assert len(bad) == 6 and len(df) == len(manifest["expected"]) - 6
+    assert {entry["reason"] for entry in bad} == {"bad data crc"}
+
+
+def test_run_index_with_no_shards(tmp_path):
+    out, stats = tmp_path / "index.parquet", tmp_path / "stats.json"
+    df = ix.run_index(tmp_path, {"files": []}, PARAMS, 2, out, stats)
+    assert df.empty and pd.read_parquet(out).empty
+    assert json.loads(stats.read_text())["subsets"]["train"]["videos"] == 0
+
+
+def test_missing_shard_is_an_error_even_when_skipping(tmp_path):
+    manifest = make_dataset(tmp_path)
+    (tmp_path / manifest["files"][1]["name"]).unlink()
+    with pytest.raises(FileNotFoundError):
+        ix.index_shards(shard_list(tmp_path, manifest), 2, "skip")
+
+
+def test_failed_run_removes_stale_outputs(tmp_path):
+    out, stats = tmp_path / "out/index.parquet", tmp_path / "out/stats.json"
+    out.parent.mkdir()
+    out.write_text("old")
+    stats.write_text("old")
+    manifest = {"files": [{"name": "missing.tfrecord", "level": "video", "split": "train"}]}
+    with pytest.raises(FileNotFoundError):
+        ix.run_index(tmp_path, manifest, PARAMS, 2, out, stats)
+    assert not out.exists() and not stats.exists()
+
+
+# ---------------------------------------------------------------- subsets and statistics
+
+def _ids_frame(ids, split="validate", labels=([1],)):
+    return pd.DataFrame({"id": ids, "split": split, "labels": [list(labels[0])] * len(ids), "level": "video"})
+
+
+def test_subsets_deterministic_and_fraction_respected():
+    ids = [f"v{i:05d}" for i in range(4000)]
+    first = ix.assign_subsets(_ids_frame(ids), ["validate"], 0.3, "salt")
+    again = ix.assign_subsets(_ids_frame(ids), ["validate"], 0.3, "salt")
+    assert first["subset"].tolist() == again["subset"].tolist()
+    assert set(first["subset"]) == {"train", "eval"}
+    assert abs((first["subset"] == "eval").mean() - 0.3) < 0.03
+    other_salt = ix.assign_subsets(_ids_frame(ids), ["validate"], 0.3, "pepper")
+    assert (other_salt["subset"] != first["subset"]).any()
+
+
+def test_subset_of_a_video_ignores_other_shards(tmp_path):
+    manifest = make_dataset(tmp_path)
+    shards = shard_list(tmp_path, manifest)
+    full = ix.assign_subsets(ix.index_shards(shards, 2)[0], ["validate", "train"], 0.4, "x")
+    part = ix.assign_subsets(ix.index_shards(shards[3:][::-1], 2)[0], ["validate", "train"], 0.4, "x")
+    merged = part.merge(full, on=["shard", "id"], suffixes=("_part", "_full"))
+    assert len(merged) == len(part) and (merged["subset_part"] == merged["subset_full"]).all()
+
+
+def test_subset_rules():
+    df = pd.DataFrame({
+        "id": ["a", "b", "c", "d"], "split": ["test", "test", "train", "validate"],
+        "labels": [[], [3], [1], [2]], "level": "video",
+    })
+    out = ix.assign_subsets(df, ["validate"], 1.0, "s")
+    assert out["subset"].tolist() == ["test", "train", "train", "eval"]
+    assert "subset" not in df.columns
+    assert ix.assign_subsets(df, ["validate"], 1e-12, "s")["subset"].tolist()[3] == "train"
+
+
+def test_hash_bucket_formula():
+    import hashlib
+
+    digest = hashlib.sha256(b"saltvid").hexdigest()
+    assert ix.hash_bucket("salt", "vid") == int(digest[:16], 16) / 2**64
+
+
+def test_label_statistics(tmp_path):
+    manifest = make_dataset(tmp_path)
+    df = ix.assign_subsets(ix.index_shards(shard_list(tmp_path, manifest), 2)[0], ["validate"], 0.5, "s")
+    stats = ix.label_statistics(df, 3862)
+    assert sum(s["videos"] for s in stats["subsets"].values()) == len(df)
+    test = stats["subsets"]["test"]
+    assert test["videos"] == 10 and test["labels"] == 0 and test["videos_without_labels"] == 10
+    train = stats["subsets"]["train"]
+    train_rows = df[df["subset"] == "train"]
+    assert train["labels"] == sum(map(len, train_rows["labels"]))
+    assert len(train["positives_per_class"]) == 3862 and sum(train["positives_per_class"]) == train["labels"]
+    frames = train_rows.loc[train_rows["level"] == "frame", "num_frames"]
+    assert train["frames"]["total"] == frames.sum() and train["frames"]["max"] == frames.max()
+    assert train["mean_labels_per_video"] == pytest.approx(train["labels"] / train["videos"])
+    json.dumps(stats)
+
+
+def test_run_index_outputs(tmp_path):
+    manifest = make_dataset(tmp_path)
+    out, stats_path = tmp_path / "results/index.parquet", tmp_path / "results/stats.json"
+    df = ix.run_index(tmp_path, manifest, PARAMS, 2, out, stats_path)
+    table = pq.read_table(out)
+    assert str(table.schema.field("labels").type) == "list<element: int32>"
+    assert str(table.schema.field("num_frames").type) == "int32"
+    back = pd.read_parquet(out)
+    assert back["id"].tolist() == df["id"].tolist() and back["subset"].tolist() == df["subset"].tolist()
+    assert [list(x) for x in back["labels"]] == df["labels"].tolist()
+    stats = json.loads(stats_path.read_text())
+    assert stats["bad_records"]["count"] == 0 and stats["shards"] == 5 and stats["rows"] == len(df)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["index.parquet", "stats.json"]
+
+
+# ---------------------------------------------------------------- video level derived from frames
+
+def test_derive_video_level_is_the_mean_of_dequantized_frames():
+    rng = np.random.default_rng(3)
+    rgb, audio = random_frames(rng, 7)
+    derived = example_pb2.Example.FromString(ix.derive_video_level(frame_record("vv", [9, 2], rgb, audio), 2))
+    feats = derived.features.feature
+    expected = (np.concatenate([rgb, audio], axis=1).astype(np.float64) * 4 / 255 + 4 / 512 - 2).mean(axis=0)
+    got = np.concatenate([feats["mean_rgb"].float_list.value, feats["mean_audio"].float_list.value])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+    assert feats["id"].bytes_list.value == [b"vv"] and list(feats["labels"].int64_list.value) == [9, 2]
+    assert ix.parse_video_record(derived.SerializeToString(), 2, "video") == ("vv", [2, 9], 1)
+
+
+def test_derive_video_level_2017_unlabelled():
+    rgb, audio = random_frames(np.random.default_rng(4), 2)
+    derived = ix.derive_video_level(frame_record("t1", None, rgb, audio, version=1), 1)
+    assert ix.parse_video_record(derived, 1, "video") == ("t1", [], 1)
+    assert "labels" not in example_pb2.Example.FromString(derived).features.feature
+
+
+def test_derive_video_shards(tmp_path):
+    manifest = make_dataset(tmp_path)
+    frame_shard = tmp_path / "2/frame/train/train0000.tfrecord"
+    [written] = ix.derive_video_shards([frame_shard], tmp_path / "derived", version=2)
+    assert written == tmp_path / "derived/train0000.tfrecord"
+    frames, _ = ix.index_shards([(frame_shard, "f", "frame", "train")], 2)
+    videos, _ = ix.index_shards([(written, "v", "video", "train")], 2)
+    assert videos["id"].tolist() == frames["id"].tolist()
+    assert videos["labels"].tolist() == frames["labels"].tolist()
+    assert set(videos["num_frames"]) == {1}
+
+
+# ---------------------------------------------------------------- real YouTube-8M shards
+
+def _real(*parts) -> Path:
+    folder = SHARED.joinpath(*parts)
+    if not folder.is_dir():
+        pytest.skip(f"real YouTube-8M shards not found at {folder} (only present beside the project checkout)")
+    return folder
+
+
+@pytest.mark.realdata
+def test_real_2018_validate_shards():
+    folder = _real("2018", "video")
+    paths = sorted(folder.glob("validate*.tfrecord"))
+    assert len(paths) == 100
+    shards = [(p, f"2/video/validate/{p.name}", "video", "validate") for p in paths]
+    df, bad = ix.index_shards(shards, 2, "fail")
+    assert bad == [] and len(df) == 28792
+    assert df["id"].is_unique
+    flat = np.concatenate([np.asarray(x, int) for x in df["labels"]])
+    assert flat.min() >= 0 and flat.max() <= 3861 and df["labels"].map(len).min() >= 1
+    for shard_index, path in enumerate(paths):
+        code = SHARD_ALPHABET[shard_index // 62] + SHARD_ALPHABET[shard_index % 62]
+        ids = df.loc[df["shard"] == f"2/video/validate/{path.name}", "id"]
+        assert len(ids) and ids.str.endswith(code).all(), path.name
+    row = df.iloc[12345]
+    assert ix.parse_video_record(read_record_at(folder / Path(row["shard"]).name, row["offset"]), 2, "video")[0] \
+        == row["id"]
+
+
+@pytest.mark.realdata
+def test_real_2017_validate_and_test_shards():
+    folder = _real("2017", "video")
+    validate = [(p, f"1/video/validate/{p.name}", "video", "validate") for p in sorted(folder.glob("validate*"))]
+    test = [(p, f"1/video/test/{p.name}", "video", "test") for p in sorted(folder.glob("test*.tfrecord"))]
+    df, bad = ix.index_shards(validate + test, 1, "fail")
+    assert bad == []
+    labelled = df[df["split"] == "validate"]
+    assert len(labelled) == 3419 and (df["split"] == "test").sum() == 1709
+    assert labelled["labels"].map(len).min() >= 1
+    assert all(x == sorted(x) and 0 <= x[0] and x[-1] < 4716 for x in labelled["labels"])
+    subsets = ix.assign_subsets(df, ["validate"], 0.5, "yt8m-qrnn")
+    assert (subsets.loc[df["split"] == "test", "subset"] == "test").all()
+    assert set(subsets.loc[df["split"] == "validate", "subset"]) == {"train", "eval"}
