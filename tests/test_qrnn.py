@@ -29,14 +29,21 @@ def sigmoid(x):
     return 1.0 / (1.0 + np.exp(-x))
 
 
-def reference_qrnn(frames, kernel, bias, window, pooling, go_backwards=False):
-    """h for the real frames [T, D] of one sequence, [T, units], in input order."""
-    frames = frames[::-1] if go_backwards else frames
+def reference_qrnn(frames, kernel, bias, window, pooling, go_backwards=False, real=None):
+    """h [T, units] for one sequence [T, D], in input order.
+
+    `real` [T] (forward only) marks the real frames; the others read as zeros,
+    leave the state alone and output zeros.
+    """
+    real = np.ones(len(frames), bool) if real is None else real
+    frames = (frames * real[:, None])[::-1] if go_backwards else frames * real[:, None]
     steps, dim = frames.shape
     units = kernel.shape[1] // {"f": 2, "fo": 3, "ifo": 4}[pooling]
     state = np.zeros(units)
-    outputs = []
+    outputs = np.zeros((steps, units))
     for t in range(steps):
+        if not real[t]:
+            continue
         seen = [frames[s] if s >= 0 else np.zeros(dim) for s in range(t - window + 1, t + 1)]
         pre_activation = np.concatenate(seen) @ kernel + bias
         z = np.tanh(pre_activation[:units])
@@ -45,8 +52,7 @@ def reference_qrnn(frames, kernel, bias, window, pooling, go_backwards=False):
             state = f * state + sigmoid(pre_activation[3 * units:]) * z
         else:
             state = f * state + (1.0 - f) * z
-        outputs.append(state if pooling == "f" else sigmoid(pre_activation[2 * units: 3 * units]) * state)
-    outputs = np.array(outputs).reshape(steps, units)
+        outputs[t] = state if pooling == "f" else sigmoid(pre_activation[2 * units: 3 * units]) * state
     return outputs[::-1] if go_backwards else outputs
 
 
@@ -135,6 +141,20 @@ def test_single_step_sequences():
     np.testing.assert_allclose(layer(x), expected, atol=ATOL)
 
 
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_forward_masks_with_holes(pooling):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(2, 9, 3)).astype("float32")
+    real = np.array([[1, 0, 1, 1, 0, 0, 1, 1, 0], [0, 0, 1, 0, 1, 1, 1, 1, 1]], bool)
+    final_layer, sequence_layer = make_pair(pooling, 2, "auto", False, rng, 3)
+    weights = as_float64(final_layer)
+    expected = np.stack([reference_qrnn(x[row].astype(np.float64), *weights, 2, pooling, real=real[row])
+                         for row in range(2)])
+    np.testing.assert_allclose(sequence_layer(x, mask=real), expected, atol=ATOL)
+    last_real = [7, 8]
+    np.testing.assert_allclose(final_layer(x, mask=real), expected[[0, 1], last_real], atol=ATOL)
+
+
 def test_rows_without_real_frames_give_zero_state():
     layer = QRNN(4, window=2)
     x = np.random.default_rng(2).normal(size=(2, 5, 3)).astype("float32")
@@ -196,6 +216,28 @@ def test_linear_recurrences_short_sequences(recurrence):
         a, b = rng.uniform(size=(3, steps, 2)), rng.normal(size=(3, steps, 2))
         result = np.asarray(recurrence(a.astype("float32"), b.astype("float32")))
         np.testing.assert_allclose(result, reference_recurrence(a, b), atol=ATOL)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="unknown static lengths exist only in TF graphs")
+@pytest.mark.parametrize("recurrence", RECURRENCES, ids=IMPLS)
+def test_linear_recurrences_with_unknown_length_in_a_graph(recurrence):
+    import tensorflow as tf
+
+    spec = tf.TensorSpec([None, None, 3])
+
+    @tf.function(input_signature=[spec, spec])
+    def states_and_gradient(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch(b)
+            states = recurrence(a, b)
+            total = tf.reduce_sum(states)
+        return states, tape.gradient(total, b)
+
+    rng = np.random.default_rng(13)
+    a, b = rng.uniform(size=(2, 9, 3)), rng.normal(size=(2, 9, 3))
+    states, gradient = states_and_gradient(a.astype("float32"), b.astype("float32"))
+    np.testing.assert_allclose(states, reference_recurrence(a, b), atol=ATOL)
+    assert np.all(np.isfinite(gradient))
 
 
 def test_auto_resolves_to_an_implementation():
@@ -367,3 +409,12 @@ def test_learns_a_toy_sequence_task(impl):
     history = model.fit(x, y, batch_size=64, epochs=25, verbose=0).history["loss"]
     assert np.all(np.isfinite(history))
     assert history[-1] < 0.7 * history[0]
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="XLA fallback concerns the TensorFlow backend")
+def test_tensorflow_models_fall_back_from_xla():
+    inputs = keras.Input((None, 3))
+    model = keras.Model(inputs, QRNN(4)(inputs))
+    with pytest.warns(UserWarning, match="jit_compile"):
+        model.compile(optimizer="adam", loss="mse", jit_compile=True)
+    assert not model.jit_compile
