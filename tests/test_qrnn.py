@@ -17,6 +17,7 @@ from yt8m_qrnn.qrnn import (
 POOLINGS = ["f", "fo", "ifo"]
 IMPLS = ["sequential", "associative", "logcumsum"]
 RECURRENCES = [linear_recurrence_sequential, linear_recurrence_associative, linear_recurrence_logcumsum]
+GATE_COUNT = {"f": 2, "fo": 3, "ifo": 4}
 ATOL = 1e-5
 
 
@@ -32,13 +33,15 @@ def sigmoid(x):
 def reference_qrnn(frames, kernel, bias, window, pooling, go_backwards=False, real=None):
     """h [T, units] for one sequence [T, D], in input order.
 
-    `real` [T] (forward only) marks the real frames; the others read as zeros,
-    leave the state alone and output zeros.
+    `real` [T] marks the real frames; the others read as zeros, leave the state
+    alone and output zeros.
     """
     real = np.ones(len(frames), bool) if real is None else real
-    frames = (frames * real[:, None])[::-1] if go_backwards else frames * real[:, None]
+    frames = frames * real[:, None]
+    if go_backwards:
+        frames, real = frames[::-1], real[::-1]
     steps, dim = frames.shape
-    units = kernel.shape[1] // {"f": 2, "fo": 3, "ifo": 4}[pooling]
+    units = kernel.shape[1] // GATE_COUNT[pooling]
     state = np.zeros(units)
     outputs = np.zeros((steps, units))
     for t in range(steps):
@@ -58,7 +61,7 @@ def reference_qrnn(frames, kernel, bias, window, pooling, go_backwards=False, re
 
 def reference_batch(x, lengths, kernel, bias, window, pooling, go_backwards=False):
     """(sequences [B, T, units] with zeros at padding, final states [B, units])."""
-    units = kernel.shape[1] // {"f": 2, "fo": 3, "ifo": 4}[pooling]
+    units = kernel.shape[1] // GATE_COUNT[pooling]
     sequences = np.zeros(x.shape[:2] + (units,))
     finals = np.zeros((x.shape[0], units))
     for row, length in enumerate(lengths):
@@ -173,6 +176,24 @@ def test_unknown_time_length_in_a_functional_model(impl):
     x = rng.normal(size=(2, 37, 3)).astype("float32")
     expected, _ = reference_batch(x.astype(np.float64), [37, 37], *as_float64(layer), 3, "ifo")
     np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=ATOL)
+
+
+@pytest.mark.skipif(keras.backend.backend() != "tensorflow", reason="unknown static lengths exist only in TF graphs")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_in_a_graph_with_unknown_length(impl):
+    import tensorflow as tf
+
+    rng = np.random.default_rng(14)
+    final_layer, _ = make_pair("fo", 3, impl, True, rng, 3)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, 3]), tf.TensorSpec([None, None], tf.bool)])
+    def final_states(x, mask):
+        return final_layer(x, mask=mask, training=True)
+
+    x = rng.normal(size=(3, 8, 3)).astype("float32")
+    lengths = [8, 2, 5]
+    _, expected = reference_batch(x.astype(np.float64), lengths, *as_float64(final_layer), 3, "fo", True)
+    np.testing.assert_allclose(final_states(x, prefix_mask(lengths, 8)), expected, atol=ATOL)
 
 
 # ---------------------------------------------------------------------------
@@ -332,6 +353,14 @@ def test_stack_shapes(dense, bidirectional):
     sequences = QRNNStack(6, 2, dense=dense, bidirectional=bidirectional, return_sequences=True)
     assert sequences(x, mask=mask).shape == (2, 5, 6 * directions)
     assert sequences.compute_mask(x, mask) is mask
+
+
+def test_stack_layers_start_from_different_weights():
+    stack = QRNNStack(4, num_layers=2, window=1, bidirectional=True)
+    stack.build((None, 5, 8))
+    kernels = [np.asarray(layer.kernel) for layer in stack.qrnn_layers]
+    assert not np.array_equal(kernels[0], kernels[1])
+    assert not np.array_equal(kernels[2], kernels[3])
 
 
 def test_stack_on_video_level_input():

@@ -105,7 +105,7 @@ def _check_cross_references(params: dict, source: str) -> None:
             if too_many:
                 raise ParamsError(f"{source}: data.shards.{split}: selects more shards than the {available} generated")
     for name, model in params["models"].items():
-        if model["kind"] in ("lstm", "frame_logistic") and model["level"] != "frame":
+        if model["kind"] in ("lstm", "frame_logistic", "dbof") and model["level"] != "frame":
             raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'frame'")
         if model["kind"] in ("logistic", "moe") and model["level"] != "video":
             raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'video'")

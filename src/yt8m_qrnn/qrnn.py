@@ -24,10 +24,10 @@ from keras import layers, ops
 
 GATES_PER_POOLING = {"f": ("z", "f"), "fo": ("z", "f", "o"), "ifo": ("z", "f", "o", "i")}
 
-# Below exp(-30) ~ 1e-13 a decay factor is treated as exp(-30): the state it
-# multiplies then contributes < 1e-13 of itself, far below float32 resolution,
-# while all log-space magnitudes stay bounded (which is what keeps the closed
-# form accurate).
+# In the log-space closed form a decay factor (or a chunk's product of them)
+# below exp(-20) ~ 2e-9 is treated as exp(-20): the state it multiplies then
+# contributes at most 2e-9 of itself, below float32 resolution, and |log A|
+# within a chunk stays <= 4 * 20, where float32 still resolves ~1e-5.
 _LOG_DECAY_FLOOR = -20.0
 _LOG_SPACE_CHUNK = 4
 _TINY_MAGNITUDE = 1e-30
@@ -149,13 +149,16 @@ LINEAR_RECURRENCES = {
 }
 
 # pool_impl="auto": the fastest on this project's 2-core CPU. Measured with
-# TensorFlow 2.21 (float32, a uniform(0, 1), b normal; inside tf.function without
-# XLA, as Keras trains on a CPU; median of 3 runs after tracing), forward /
-# forward + gradient of sum(c):
-#   B=128, T=300, H=1024: sequential 226 / 340 ms, associative 752 / 3599 ms,
-#                         logcumsum 2956 / 13196 ms
-#   B=32,  T=50,  H=256:  sequential 2.7 / 5.6 ms, associative 15.5 / 40.9 ms,
-#                         logcumsum 40.0 / 92.3 ms
+# TensorFlow 2.21 (float32, a ~ uniform(0, 1), b ~ normal, inside tf.function
+# without XLA as Keras runs on a CPU; after tracing), forward / forward + gradient
+# of sum(c). The machine was shared, so two runs (median of 3 on a quieter
+# machine; min of 4-10 at load average 5-8):
+#   B=128, T=300, H=1024: sequential   226 / 340 ms     369 / 590 ms
+#                         associative  752 / 3599 ms   2599 / 4655 ms
+#                         logcumsum   2956 / 13196 ms  5144 / 7380 ms
+#   B=32,  T=50,  H=256:  sequential   2.7 / 5.6 ms     3.7 / 6.7 ms
+#                         associative 15.5 / 40.9 ms    9.7 / 45.8 ms
+#                         logcumsum   40.0 / 92.3 ms   37.4 / 69.2 ms
 # JAX and PyTorch are not installed here, so their entries are not measured: they
 # follow the TensorFlow result (on a CPU one pass over the data beats the
 # log-depth passes of the parallel scans). On a GPU the associative scan is the
@@ -260,9 +263,9 @@ class QRNN(layers.Layer):
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed)
         self.supports_masking = True
-        # Keras' TensorFlow scan (gradient of a while loop without maximum_iterations)
-        # and associative_scan (tf.cond branches with mismatched shapes when T is
-        # unknown) do not compile with XLA; this makes Keras fall back to tf.function.
+        # Keras' TensorFlow scan (its gradient: a while loop without maximum_iterations)
+        # and associative_scan (tf.cond branches of mismatched shapes) failed to compile
+        # with XLA; this makes Keras fall back to plain tf.function.
         self.supports_jit = keras.backend.backend() != "tensorflow"
 
     @property
@@ -405,7 +408,9 @@ class QRNNStack(layers.Layer):
         return QRNN(
             self.units, window=self.window, pooling=self.pooling, zoneout=self.zoneout,
             return_sequences=self.return_sequences or not last, go_backwards=backwards,
-            pool_impl=self.pool_impl, kernel_initializer=self.kernel_initializer,
+            # A fresh initializer per layer: an unseeded Keras initializer instance
+            # draws the same values on every call.
+            pool_impl=self.pool_impl, kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             kernel_regularizer=self.kernel_regularizer,
             seed=None if self.seed is None else self.seed + 2 * index + int(backwards),
             name=f"qrnn_{index}{'_backward' if backwards else ''}")
