@@ -12,9 +12,10 @@ import contextlib
 import functools
 import gc
 import hashlib
-import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
 from itertools import chain
 from operator import attrgetter
 from pathlib import Path
@@ -29,7 +30,10 @@ from tensorflow.core.example import example_pb2, feature_pb2
 
 from .config import NUM_CLASSES
 from .io import atomic_path, write_json
-from .tfrecord import CorruptRecordError, RecordError, iter_records, read_file, scan_buffer, write_records
+from . import fastparse
+from .tfrecord import (
+    HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, record_layout, scan_buffer, write_records,
+)
 
 RGB_DIM, AUDIO_DIM = 1024, 128
 ID_KEYS = {2: "id", 1: "video_id"}
@@ -41,8 +45,9 @@ PARQUET_SCHEMA = pa.schema([
     ("offset", pa.int64()), ("length", pa.int64()), ("id", pa.string()),
     ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("subset", pa.string()),
 ])
-# Below this many bytes in all, forking workers costs more than it saves.
-PARALLEL_MIN_BYTES = 64 << 20
+# Shards are read and checked in batches of about this many bytes: enough records for numpy
+# to pay off, few enough to stay in the CPU cache from reading to parsing.
+BATCH_BYTES = 8 << 20
 
 _BYTES_VALUES = attrgetter("bytes_list.value")
 
@@ -207,25 +212,34 @@ def index_shards(
 
     on_bad_record 'fail' raises a RecordError naming the file and offset; 'skip'
     lists {shard, offset, reason} for each bad record and indexes the rest.
-    workers: processes (default: one per core when there is enough data).
+    workers: threads, each reading and parsing a batch of shards at a time
+    (default: 2 with several cores, else 1).
+
+    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of each
+    file are checked in one pass (tfrecord.crcs_match) and a batch's records are
+    parsed together by numpy (fastparse). Records the fast path does not
+    recognise are parsed one by one (parse_video_record), and a file whose
+    framing or CRCs fail is rescanned record by record, which locates and
+    explains every bad record exactly as a record-by-record index would.
     """
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', not {on_bad_record!r}")
-    tasks = [(Path(path), name, level, split, version, on_bad_record == "skip")
-             for path, name, level, split in shards]
-    for _, name, level, *_ in tasks:
+    tasks = [(Path(path), name, level, split) for path, name, level, split in shards]
+    for _, name, level, _ in tasks:
         if level not in LEVELS:
             raise ValueError(f"{name}: unknown level {level!r}; expected one of {LEVELS}")
-    _parser(version, "video")  # unknown version: fail here, not in a worker
+    _parser(version, "video")  # unknown version: fail before reading anything
+    if workers is None:
+        workers = 2 if _cpu_count() > 1 else 1
     with _gc_paused():
-        results = _map_tasks(tasks, workers)
+        results = _run_batches(_batches(tasks), version, on_bad_record == "skip", workers)
         bad = [entry for _, entries in results for entry in entries]
-        return _rows_frame(tasks, [rows for rows, _ in results]), bad
+        return _rows_frame(tasks, _Rows.concat([rows for rows, _ in results])), bad
 
 
 @contextlib.contextmanager
 def _gc_paused():
-    """The rows are millions of small acyclic objects; cyclic GC passes over them only cost time."""
+    """Cyclic GC passes over the many small acyclic objects of a run only cost time."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -235,14 +249,169 @@ def _gc_paused():
             gc.enable()
 
 
-def _index_shard(task) -> tuple[list[tuple], list[dict]]:
-    path, name, level, split, version, skip = task
-    parse = _parser(version, level)
+def _batches(tasks: list[tuple]) -> list[list[tuple]]:
+    """Consecutive shards of one level, about BATCH_BYTES together: [(task number, path, name, level, split)]."""
+    batches, size = [], 0
+    for number, (path, name, level, split) in enumerate(tasks):
+        shard_size = os.path.getsize(path)
+        if not batches or size + shard_size > BATCH_BYTES or batches[-1][-1][3] != level:
+            batches.append([])
+            size = 0
+        batches[-1].append((number, path, name, level, split))
+        size += shard_size
+    return batches
+
+
+def _run_batches(batches: list[list[tuple]], version: int, skip: bool, workers: int) -> list:
+    """(rows, bad records) of each batch, in order, computed on `workers` threads.
+
+    A batch is read (the read releases the GIL), checked by crc32c (releases it
+    too) and parsed mostly by numpy (whose loops over large arrays release it),
+    so two threads keep two cores busy most of the time.
+    """
+    buffers = _ThreadBuffers()  # freed, with every thread's buffer, when the run ends
+
+    def run(batch: list[tuple]) -> tuple[_Rows, list[dict]]:
+        return _parse_batch(_load_batch(batch, buffers.get()), version, skip)
+
+    workers = min(workers, len(batches))
+    if workers <= 1:
+        return [run(batch) for batch in batches]
+    pool = ThreadPoolExecutor(workers)
+    try:
+        return list(pool.map(run, batches))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _cpu_count() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+class _Buffer:
+    """A read buffer reused by the batches of a run: fresh memory costs a page fault per 4 KB."""
+
+    def __init__(self):
+        self.array = np.empty(0, np.uint8)
+
+    def get(self, size: int) -> np.ndarray:
+        if len(self.array) < size:
+            self.array = np.empty(max(size, 2 * len(self.array)), np.uint8)
+        return self.array[:size]
+
+
+class _ThreadBuffers(threading.local):
+    def __init__(self):
+        self.buffer = _Buffer()
+
+    def get(self) -> _Buffer:
+        return self.buffer
+
+
+@dataclass
+class _Loaded:
+    """A batch in memory: the files back to back in buf (spans: start, end), then fastparse.PADDING zero bytes.
+
+    offsets and lengths: header offsets in buf and data lengths of the records of
+    the files whose framing and CRCs are good (good[position]); file_of: the
+    position of each such record's file in shards.
+    """
+
+    shards: list[tuple]
+    buf: np.ndarray
+    spans: list[tuple[int, int]]
+    good: list[bool]
+    offsets: np.ndarray
+    lengths: np.ndarray
+    file_of: np.ndarray
+
+
+def _load_batch(shards: list[tuple], buffer: _Buffer) -> _Loaded:
+    """Read the batch's files back to back, checking each one's framing and CRCs while it is in the cache."""
+    sizes = [os.path.getsize(path) for _, path, *_ in shards]
+    buf = buffer.get(sum(sizes) + fastparse.PADDING)
+    spans, good, layouts, pos = [], [], [], 0
+    for (_, path, *_), size in zip(shards, sizes):
+        end = pos + _read_into(path, buf[pos:pos + size])
+        layout = _checked_layout(buf, pos, end)
+        spans.append((pos, end))
+        good.append(layout is not None)
+        layouts.append(layout or (np.zeros(0, np.int64),) * 2)
+        pos = end
+    buf[pos:pos + fastparse.PADDING] = 0
+    return _Loaded(shards, buf[:pos + fastparse.PADDING], spans, good,
+                   np.concatenate([o for o, _ in layouts] or [np.zeros(0, np.int64)]),
+                   np.concatenate([n for _, n in layouts] or [np.zeros(0, np.int64)]),
+                   np.repeat(np.arange(len(spans)), [len(o) for o, _ in layouts]))
+
+
+def _read_into(path: Path, out: np.ndarray) -> int:
+    """Read the file into `out` (its size); the number of bytes read."""
+    view, done = memoryview(out), 0
+    with open(path, "rb", buffering=0) as f:
+        while done < len(out) and (count := f.readinto(view[done:])):
+            done += count
+    return done
+
+
+def _checked_layout(buf: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """(header offsets, data lengths) of the records of buf[start:end] if their framing and CRCs are good."""
+    layout = record_layout(memoryview(buf), start, end)
+    if layout is None or (len(layout[1]) and layout[1].min() < 4) or not crcs_match(buf, *layout):
+        return None
+    return layout
+
+
+def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[dict]]:
+    """Rows and bad records of a loaded batch: numpy first, then one by one what it left."""
+    level = batch.shards[0][3]
+    parsed = _recognise(level, version, batch.buf, batch.offsets + HEADER_SIZE, batch.lengths)
+    file_start = np.array([start for start, _ in batch.spans], np.int64)[batch.file_of]
+    task = np.array([shard[0] for shard in batch.shards], np.int64)[batch.file_of]
+    ok = parsed.ok
+    parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed)]
+    parse, left, bad = _parser(version, level), np.flatnonzero(~ok), []
+    for position, (number, path, name, _, _) in enumerate(batch.shards):
+        if batch.good[position] and not len(left):
+            continue
+        rows, entries = _parse_each(_records_left(batch, position, left), parse, path, name, skip)
+        parts.append(_Rows.from_tuples(number, rows))
+        bad += entries
+    rows = _Rows.concat(parts)
+    return (rows if len(parts[0]) == len(rows) else rows.in_order()), bad
+
+
+def _records_left(batch: _Loaded, position: int, left: np.ndarray):
+    """(offset in the file, data[, problem]) of the records of one file that numpy did not recognise."""
+    start, end = batch.spans[position]
+    if not batch.good[position]:  # broken framing or crc: the exact scan finds and explains each bad record
+        return scan_buffer(batch.buf[start:end].tobytes())
+    mine = left[batch.file_of[left] == position]
+    data_start = batch.offsets[mine] + HEADER_SIZE
+    return ((int(offset) - start, batch.buf[begin:begin + length])
+            for offset, begin, length in zip(batch.offsets[mine], data_start, batch.lengths[mine]))
+
+
+def _recognise(level: str, version: int, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+    recognise = fastparse.video_records if level == "video" else fastparse.frame_records
+    return recognise(buf, starts, lengths, _entry_table(version, level), NUM_CLASSES[version])
+
+
+@functools.cache
+def _entry_table(version: int, level: str) -> fastparse.EntryTable:
+    return (fastparse.video_table if level == "video" else fastparse.context_table)(ID_KEYS[version])
+
+
+def _parse_each(records, parse, path: Path, name: str, skip: bool) -> tuple[list[tuple], list[dict]]:
+    """Rows (offset, length, id, labels, frames) of (offset, data[, problem]) records; bad ones raise or are listed."""
     rows, bad = [], []
-    for offset, data, problem in scan_buffer(read_file(path)):
+    for offset, data, *problem in records:
+        problem = problem[0] if problem else None
         if problem is None:
             try:
-                rows.append((offset, len(data), *parse(data)))
+                rows.append((offset, len(data), *parse(bytes(data))))
                 continue
             except BadRecordError as err:
                 if not skip:
@@ -254,44 +423,101 @@ def _index_shard(task) -> tuple[list[tuple], list[dict]]:
     return rows, bad
 
 
-def _map_tasks(tasks: list[tuple], workers: int | None) -> list:
-    if workers is None:
-        enough = sum(os.path.getsize(t[0]) for t in tasks) >= PARALLEL_MIN_BYTES
-        workers = _cpu_count() if enough else 1
-    workers = min(workers, len(tasks))
-    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [_index_shard(task) for task in tasks]
-    # fork: the workers inherit the imported protobuf classes instead of importing TensorFlow again
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-    try:
-        return list(pool.map(_index_shard, tasks, chunksize=max(1, len(tasks) // (4 * workers))))
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+@dataclass
+class _Rows:
+    """Index rows as columns. task: the shard's position in the shard list; ids (UTF-8) and labels flat,
+    with a size or count per row."""
+
+    task: np.ndarray
+    offset: np.ndarray
+    length: np.ndarray
+    id_bytes: np.ndarray
+    id_sizes: np.ndarray
+    label_counts: np.ndarray
+    label_values: np.ndarray
+    frames: np.ndarray
+
+    @classmethod
+    def from_parsed(cls, task, offset, length, parsed: fastparse.Parsed) -> _Rows:
+        return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes, parsed.label_counts,
+                   parsed.label_values, parsed.frames)
+
+    @classmethod
+    def from_tuples(cls, task: int, rows: list[tuple]) -> _Rows:
+        """rows: (offset, length, id, sorted labels, frames)."""
+        ids = [row[2].encode() for row in rows]
+        return cls(np.full(len(rows), task, np.int64), np.array([row[0] for row in rows], np.int64),
+                   np.array([row[1] for row in rows], np.int64), np.frombuffer(b"".join(ids), np.uint8),
+                   np.array([len(i) for i in ids], np.int64), np.array([len(row[3]) for row in rows], np.int64),
+                   np.array(list(chain.from_iterable(row[3] for row in rows)), np.int32),
+                   np.array([row[4] for row in rows], np.int32))
+
+    @classmethod
+    def concat(cls, parts: list[_Rows]) -> _Rows:
+        if not parts:
+            return cls.from_tuples(0, [])
+        return cls(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+
+    def __len__(self) -> int:
+        return len(self.task)
+
+    def in_order(self) -> _Rows:
+        """The rows sorted by shard, then offset."""
+        order = np.lexsort((self.offset, self.task))
+        return _Rows(self.task[order], self.offset[order], self.length[order],
+                     _reorder_runs(self.id_bytes, self.id_sizes, order), self.id_sizes[order],
+                     self.label_counts[order], _reorder_runs(self.label_values, self.label_counts, order),
+                     self.frames[order])
+
+    def ids(self) -> pa.Array:
+        return pa.StringArray.from_buffers(len(self), pa.py_buffer(_run_offsets(self.id_sizes)),
+                                           pa.py_buffer(self.id_bytes))
+
+    def labels(self) -> list[list[int]]:
+        offsets = pa.array(_run_offsets(self.label_counts))
+        return pa.ListArray.from_arrays(offsets, pa.array(self.label_values, pa.int32())).to_pylist()
 
 
-def _cpu_count() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+def _run_offsets(sizes: np.ndarray) -> np.ndarray:
+    """int32 [0, s0, s0 + s1, ...]: where each run of a flat column starts, and the end."""
+    offsets = np.zeros(len(sizes) + 1, np.int32)
+    np.cumsum(sizes, out=offsets[1:])
+    return offsets
 
 
-def _rows_frame(tasks: list[tuple], shard_rows: list[list[tuple]]) -> pd.DataFrame:
-    counts = [len(rows) for rows in shard_rows]
-    offsets, lengths, ids, labels, frames = (list(column) for column in zip(*chain.from_iterable(shard_rows))) \
-        if sum(counts) else ([], [], [], [], [])
+def _reorder_runs(values: np.ndarray, sizes: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """A flat column of runs (values, sizes per run) with its runs taken in `order`."""
+    starts = np.cumsum(sizes) - sizes
+    sizes = sizes[order]
+    return values[np.repeat(starts[order] - (np.cumsum(sizes) - sizes), sizes) + np.arange(sizes.sum())]
 
-    def per_shard(position: int) -> np.ndarray:
-        return np.repeat(np.array([t[position] for t in tasks], dtype=object), counts)
 
+_STR_DTYPE = pd.Series([], dtype=str).dtype
+
+
+def _strings(values: pa.Array) -> pd.Series:
+    """The Series pd.Series(<these strings>, dtype=str) gives, built without Python strings where pandas keeps them in Arrow."""
+    if isinstance(_STR_DTYPE, pd.StringDtype) and _STR_DTYPE.storage == "pyarrow":
+        return values.to_pandas(types_mapper={values.type: _STR_DTYPE}.get)
+    return pd.Series(values.to_numpy(zero_copy_only=False), dtype=str)
+
+
+def _rows_frame(tasks: list[tuple], rows: _Rows) -> pd.DataFrame:
+    def per_task(position: int) -> pd.Series:
+        names = pa.array([t[position] for t in tasks] or [""], pa.string())
+        return _strings(pa.DictionaryArray.from_arrays(pa.array(rows.task, pa.int32()), names).dictionary_decode())
+
+    labels = np.empty(len(rows), object)
+    labels[:] = rows.labels()
     return pd.DataFrame({
-        "shard": pd.Series(per_shard(1), dtype=str),
-        "level": pd.Series(per_shard(2), dtype=str),
-        "split": pd.Series(per_shard(3), dtype=str),
-        "offset": np.array(offsets, dtype=np.int64),
-        "length": np.array(lengths, dtype=np.int64),
-        "id": pd.Series(ids, dtype=str),
+        "shard": per_task(1),
+        "level": per_task(2),
+        "split": per_task(3),
+        "offset": rows.offset.astype(np.int64),
+        "length": rows.length.astype(np.int64),
+        "id": _strings(rows.ids()),
         "labels": pd.Series(labels, dtype=object),
-        "num_frames": np.array(frames, dtype=np.int32),
+        "num_frames": rows.frames.astype(np.int32),
     })
 
 

@@ -14,6 +14,7 @@ import google_crc32c
 import numpy as np
 
 HEADER = struct.Struct("<QI")
+_LENGTH = struct.Struct("<Q")
 FOOTER = struct.Struct("<I")
 HEADER_SIZE = HEADER.size
 FOOTER_SIZE = FOOTER.size
@@ -119,6 +120,75 @@ def _next_valid_record(buf: bytes, start: int) -> int | None:
             if _record_ok(buf, pos):
                 return pos
     return None
+
+
+def record_layout(buf, start: int = 0, end: int | None = None) -> tuple[np.ndarray, np.ndarray] | None:
+    """Header offsets and data lengths of the records filling buf[start:end], or None.
+
+    Follows the length fields without checking any CRC (see crcs_match); None
+    when they do not tile the span exactly (a truncated file, or a corrupted
+    length). buf: bytes, or a memoryview for speed. Offsets are positions in buf.
+    """
+    end = len(buf) if end is None else end
+    unpack_length, offsets = _LENGTH.unpack_from, []
+    append = offsets.append
+    pos, last = start, end - HEADER_SIZE - FOOTER_SIZE  # last position where a record fits
+    while pos <= last:
+        append(pos)
+        pos += unpack_length(buf, pos)[0] + HEADER_SIZE + FOOTER_SIZE
+    if pos != end:
+        return None
+    offsets = np.array(offsets, dtype=np.int64)
+    lengths = np.empty_like(offsets)
+    lengths[:-1] = offsets[1:] - offsets[:-1]
+    lengths[-1:] = end - offsets[-1:]
+    return offsets, lengths - (HEADER_SIZE + FOOTER_SIZE)
+
+
+def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> bool:
+    """True when the length CRC and data CRC of every record match, checked in one crc32c pass.
+
+    buf: writable uint8 array holding the records back to back from offsets[0]
+    (record_layout); it is modified during the call and restored. Every data
+    length must be at least 4 (ValueError otherwise).
+
+    Why it works: crc32c run from an all-ones register over a message followed by
+    its complemented (unmasked) crc ends at register 0, and starting from the
+    all-ones register equals starting from 0 with the first 4 bytes complemented.
+    So once each length field and each data segment has its first 4 bytes
+    complemented and is followed by its complemented crc, a register started at 0
+    returns to 0 after every good segment and the whole span gives 0. A bad
+    segment leaves a nonzero remainder that later good segments only multiply by
+    powers of x (invertible modulo the polynomial), so one bad record, or any few
+    flipped bits, is always detected; several bad records could cancel with
+    probability about 2**-32, the same odds as one record passing a wrong crc.
+    """
+    if not len(offsets):
+        return True
+    if lengths.min() < 4:
+        raise ValueError("crcs_match needs records of at least 4 data bytes")
+    words = np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))  # a uint32 at every byte offset
+    length_crc_at, data_at = offsets + 8, offsets + HEADER_SIZE
+    data_crc_at = data_at + lengths
+    stored_length_crcs, stored_data_crcs = words[length_crc_at], words[data_crc_at]
+    words[offsets] ^= _U32
+    words[data_at] ^= _U32
+    words[length_crc_at] = ~_unmask(stored_length_crcs)
+    words[data_crc_at] = ~_unmask(stored_data_crcs)
+    try:
+        span = buf[offsets[0]:data_crc_at[-1] + FOOTER_SIZE]
+        return google_crc32c.extend(_U32, span) == _U32  # extend from _U32 starts the register at 0
+    finally:
+        words[offsets] ^= _U32
+        words[data_at] ^= _U32
+        words[length_crc_at] = stored_length_crcs
+        words[data_crc_at] = stored_data_crcs
+
+
+def _unmask(masked: np.ndarray) -> np.ndarray:
+    """The crc32c values behind masked crcs (inverse of masked_crc's rotation and offset)."""
+    rotated = masked.astype(np.uint32) - np.uint32(_MASK_DELTA)
+    return (rotated << np.uint32(15)) | (rotated >> np.uint32(17))
 
 
 def read_file(path) -> bytes:
