@@ -1,16 +1,35 @@
-"""The command line shared by the stage scripts: params, logging, one-line errors."""
+"""The command line shared by the stage scripts: params, locks, logging, one-line errors.
+
+A stage run
+1. loads and checks params.yaml; nothing is written before that;
+2. takes its locks (stages.locks: the resources it reads shared, those it writes
+   exclusive), so two runs at once (Snakemake and DVC on one workspace, or a rerun
+   beside a job orphaned by a killed orchestrator) never write the same outputs
+   together, nor read outputs while they are rewritten: the later one waits, saying
+   for what and for whom (YT8M_LOCK_TIMEOUT=seconds bounds the wait). Outside an
+   orchestrator that holds the whole workspace (io.hold_workspace) it also shares
+   the workspace lock, and fails at once while such an orchestrator runs;
+3. runs the stage; if it fails, removes the stage's outputs before releasing its
+   locks (every output is written under a temporary name and renamed, so none is
+   ever partial; after a failure none is left at all), prints one line
+   ``error: ...`` and exits with status 1.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import re
 import sys
 
+from . import stages as pipeline
 from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
+from .io import resource_locks, workspace_shared
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 EXPECTED_ERRORS = (ParamsError, ValueError, OSError, RuntimeError)
+log = logging.getLogger("yt8m_qrnn")
 
 
 def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
@@ -20,19 +39,62 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
         parser.add_argument("--model", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    name = stage.__name__
     try:
         params = load_params(args.params)
         if takes_model and args.model not in params["models"]:
             raise ParamsError(f"{args.params}: models: no model named {args.model!r} (defined: {', '.join(params['models'])})")
         model = args.model if takes_model else None
-        sync_params_stamp(params, stage.__name__, model)
-        if "DVC_STAGE" in os.environ:
-            forget_snakemake_benchmark(stage.__name__, model)
-        stage(params, model) if takes_model else stage(params)
+        reads, writes = pipeline.locks(name, model, params)
+        owner = f"stage {name}" + (f"@{model}" if model else "")
+        with workspace_shared(pipeline.LOCK_DIR, owner), resource_locks(pipeline.LOCK_DIR, reads, writes, owner=owner):
+            try:
+                sync_params_stamp(params, name, model)
+                if "DVC_STAGE" in os.environ:
+                    forget_snakemake_benchmark(name, model)
+                stage(params, model) if takes_model else stage(params)
+            except BaseException:
+                _remove_outputs(name, model)
+                raise
     except EXPECTED_ERRORS as err:
-        logging.getLogger("yt8m_qrnn").debug("details", exc_info=True)
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(err))
+    except Exception as err:
+        if not _is_data_loss(err):
+            raise
+        located = pipeline.locate_corrupt_record(str(err))
+        fail((located or f"a shard is corrupted: {_first_line(str(err))}")
+             + "; the shards changed after they were indexed: run the fetch stage again "
+               "(dvc repro, or snakemake --forcerun fetch)")
+
+
+def fail(message: str) -> None:
+    log.debug("details", exc_info=True)
+    print(f"error: {_one_line(message)}", file=sys.stderr)
+    sys.exit(1)
+
+
+def _remove_outputs(stage: str, model: str | None) -> None:
+    try:
+        removed = pipeline.remove_outputs(stage, model)
+    except OSError as err:
+        log.warning("could not remove the outputs of the failed stage: %s", err)
+        return
+    if removed:
+        log.info("removed the outputs of the failed stage: %s", ", ".join(map(str, removed)))
+
+
+def _is_data_loss(err: BaseException) -> bool:
+    """TensorFlow's DataLossError (a record that fails its CRC while training or evaluating)."""
+    return type(err).__name__ == "DataLossError" and type(err).__module__.startswith("tensorflow")
+
+
+def _first_line(text: str) -> str:
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)  # TensorFlow's "{{function_node ...}}" prefix
+    return text.strip().splitlines()[0] if text.strip() else "no details"
+
+
+def _one_line(text: str) -> str:
+    return re.sub(r"\s*\n\s*", " ", text.strip())
 
 
 def forget_snakemake_benchmark(stage: str, model: str | None) -> None:

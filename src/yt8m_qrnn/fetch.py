@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -280,12 +281,17 @@ def _write_sidecar(final: Path, record: dict) -> None:
 def _write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=1, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as handle:
+            json.dump(payload, handle, indent=1, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        raise FetchError(f"cannot write {path}: {_reason(err)}") from None
+    finally:
+        _remove(tmp)
 
 
 def _hash_problem(expected: Expected, size: int, md5: str, crc32c: str | None) -> str | None:
@@ -389,7 +395,9 @@ def _reason(err: BaseException) -> str:
     if isinstance(err, FileNotFoundError):
         # fsspec's http info() reports any failure (a 500 too) as FileNotFoundError from the cause
         return _reason(err.__cause__) if err.__cause__ is not None else "not found"
-    text = re.sub(r"//[^/@\s]+@", "//", " ".join(str(err).split())) or "no details"  # no user:password@
+    text = re.sub(r"//[^/@\s]+@", "//", " ".join(str(err).split()))  # no user:password@
+    if not text:
+        text = "timed out" if isinstance(err, (asyncio.TimeoutError, TimeoutError)) else "no details"
     return f"{type(err).__name__}: {text}"
 
 
@@ -578,6 +586,8 @@ def _retrieve(ctx: _Context, shard: Shard, part: Path, expected: Expected) -> tu
             _discard(ctx, part)
             continue
         except _TRANSIENT as err:
+            if _local_disk_error(err, part):  # not the network: retrying cannot help
+                raise FetchError(f"cannot write {part}: {_reason(err)}") from None
             problem, mismatch = _reason(err), False
             if ctx.source.is_local:
                 break
@@ -591,6 +601,15 @@ def _retrieve(ctx: _Context, shard: Shard, part: Path, expected: Expected) -> tu
     if mismatch:
         raise FetchError(f"{ctx.label(shard)}: {problem} after {attempt} attempts ({redact_url(shard.url)})")
     raise FetchError(f"{redact_url(shard.url)}: {problem} (after {attempt} attempt{'s' if attempt > 1 else ''})")
+
+
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def _local_disk_error(err: BaseException, part: Path) -> bool:
+    """Disk full, over quota, read-only, or any error on the .part file itself."""
+    return isinstance(err, OSError) and (
+        err.errno in _DISK_ERRNOS or (err.filename is not None and Path(err.filename) == part))
 
 
 def _merge(listed: Expected, fresh: Expected) -> Expected:
@@ -655,7 +674,12 @@ def _plan_shards(ctx: _Context, data_params: dict) -> list[Shard]:
             if not (_FOLDER_PART.match(level) and _FOLDER_PART.match(split)):
                 raise FetchError(f"invalid level/split {level!r}/{split!r}")
             folder, available = _available(ctx, level, split, data_params.get("region", "us"))
-            chosen = select_shards(available, data_params.get("shards", {}).get(split, "all"), split)
+            try:
+                chosen = select_shards(available, data_params.get("shards", {}).get(split, "all"), split)
+            except FetchError as err:  # name the params key, and where the shards were counted
+                if not str(err).startswith("shard selection"):
+                    raise
+                raise FetchError(f"data.shards.{split}: {err} in {redact_url(folder)}") from None
             shards += [Shard(level, split, name, remote_to_local_name(name, split), f"{folder}/{name}", available[name])
                        for name in chosen]
     return shards

@@ -1,8 +1,17 @@
 """The pipeline's stages. Each reads only its own params sections (config.STAGE_PARAMS)
-and the paths below; workflow/scripts/*.py are thin command lines over these."""
+and the paths below; workflow/scripts/*.py are thin command lines over these.
+
+Besides the stages: what each one writes (`outputs`, the same paths as dvc.yaml and
+the Snakemake rules declare) and which named resources it reads and writes (`locks`),
+used by cli.run_stage to lock them and to remove a failed stage's outputs.
+"""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import re
+import shutil
 from pathlib import Path
 
 from .config import NUM_CLASSES, stage_params
@@ -16,6 +25,17 @@ MANIFEST = Path("results/data/manifest.json")
 INDEX = Path("results/index/index.parquet")
 LABEL_STATS = Path("results/index/label_stats.json")
 TRAIN_WORK = Path("resources/work/train")
+# Verified shards live here, outside every declared output: Snakemake and DVC delete a
+# stage's outputs before running it again, and the shards (1.5 TB of them) must survive
+# that. The fetch stage publishes the selected ones into DATA_ROOT as hard links.
+SHARD_STORE = Path("resources/store/yt8m")
+STORE_MANIFEST = Path("resources/store/manifest.json")
+LOCK_DIR = Path("resources/locks")
+REPORT = Path("results/report.md")
+FIGURES = Path("results/figures")
+TABLES = Path("results/tables")
+TRAIN_FILES = ("model.keras", "train_stats.json", "history.csv")
+EVAL_FILES = ("eval_predictions.csv", "submission.csv", "metrics.json", "pr_curve.csv", "per_class_ap.csv")
 
 
 def model_dir(model: str) -> Path:
@@ -42,11 +62,46 @@ def fetch(params: dict) -> None:
     generated = data["source"] == "generated"
     if generated:
         data = data | {"source": "file://" + str(GENERATED_MIRROR.resolve())}
-    manifest = fetch_dataset(data, DATA_ROOT, MANIFEST)
+    manifest = fetch_dataset(data, SHARD_STORE, STORE_MANIFEST)
     if generated:  # the report shows a banner: not comparable with the paper
         manifest = manifest | {"dataset": "generated", "source": f"generated ({GENERATED_MIRROR})"}
-        write_json(MANIFEST, manifest)
+    publish_shards(manifest, SHARD_STORE, DATA_ROOT)
+    write_json(MANIFEST, manifest)  # last: a manifest means its shards are in place
     log.info("fetched %d shards into %s", len(manifest["files"]), DATA_ROOT)
+
+
+def publish_shards(manifest: dict, store: Path, dest: Path) -> None:
+    """Make `dest` hold exactly the manifest's shards, as hard links into `store`.
+
+    Built beside `dest` under a temporary name and swapped in, so `dest` is never
+    half-published. Where a hard link is impossible (another file system) the shard
+    is copied.
+    """
+    store, dest = Path(store), Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    try:
+        copied = 0
+        for entry in manifest["files"]:
+            source, target = store / entry["name"], tmp / entry["name"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(source, target)
+            except OSError as err:
+                if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP):
+                    raise
+                shutil.copy2(source, target)
+                copied += 1
+        if copied:
+            log.warning("%d shards copied into %s (hard links to %s not possible)", copied, dest, store)
+        if dest.exists():
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def index(params: dict) -> None:
@@ -86,3 +141,83 @@ def report(params: dict) -> None:
     p = stage_params(params, "report")
     build_report(p["run_models"], p["report"], Path("results"))
 
+
+
+# ---------------------------------------------------------------- what each stage writes and reads
+
+def outputs(stage: str, model: str | None = None) -> list[Path]:
+    """The stage's declared outputs (dvc.yaml `outs`, the Snakemake rule's `output`)."""
+    if stage == "generate":
+        return [GENERATED_MIRROR]
+    if stage == "fetch":
+        return [DATA_ROOT, MANIFEST]
+    if stage == "index":
+        return [INDEX, LABEL_STATS]
+    if stage == "train":
+        return [model_dir(model) / name for name in TRAIN_FILES]
+    if stage == "evaluate":
+        return [eval_dir(model) / name for name in EVAL_FILES]
+    if stage == "report":
+        return [REPORT, FIGURES, TABLES]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def locks(stage: str, model: str | None, params: dict) -> tuple[list[str], list[str]]:
+    """(resources read, resources written) by the stage, as lock names.
+
+    generated: resources/generated; data: the shard store, resources/yt8m and the
+    manifest; index: results/index; model-M: results/models/M and its checkpoints;
+    eval-M: results/eval/M; report: the report, its figures and tables.
+    """
+    if stage == "generate":
+        return [], ["generated"]
+    if stage == "fetch":
+        return ["generated"], ["data"]
+    if stage == "index":
+        return ["data"], ["index"]
+    if stage == "train":
+        return ["data", "index"], [f"model-{model}"]
+    if stage == "evaluate":
+        return ["data", "index", f"model-{model}"], [f"eval-{model}"]
+    if stage == "report":
+        models = params.get("run_models", [])
+        return ["data", "index"] + [f"{kind}-{m}" for m in models for kind in ("model", "eval")], ["report"]
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def remove_outputs(stage: str, model: str | None = None) -> list[Path]:
+    """Delete the stage's outputs (after it failed: none may be mistaken for a good one)."""
+    removed = []
+    for path in outputs(stage, model):
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        elif path.is_dir():
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path)
+    return removed
+
+
+def locate_corrupt_record(message: str) -> str | None:
+    """Name the shard and record behind TensorFlow's "corrupted record at N" (no file name there).
+
+    Candidates are the indexed records whose header is at N or whose data starts at N;
+    each is read with its CRCs checked. Returns the one-line error of the first bad one.
+    """
+    from .tfrecord import HEADER_SIZE, RecordError, read_record_at
+
+    found = re.search(r"(?:corrupted|truncated) record at (\d+)", message)
+    if not found or not INDEX.exists():
+        return None
+    position = int(found.group(1))
+    import pandas as pd
+
+    index = pd.read_parquet(INDEX, columns=["shard", "offset"])
+    candidates = index[index["offset"].isin([position, position - HEADER_SIZE])]
+    for shard, offset in candidates.drop_duplicates().itertuples(index=False):
+        try:
+            read_record_at(DATA_ROOT / shard, int(offset))
+        except (RecordError, OSError) as err:
+            return str(err)
+    return None
