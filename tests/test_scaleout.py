@@ -450,7 +450,7 @@ def test_dvc_remote_round_trip(built, tmp_path):
     run(["dvc", "pull"], built)
     assert digests(built, every_output) == before
     assert "up to date" in run(["dvc", "status"], built)
-    assert "up to date" in run(["dvc", "status", "--cloud"], built)
+    assert "in sync" in run(["dvc", "status", "--cloud"], built)
     pending = run(["snakemake", "-n"], built)
     assert "Nothing to be done" not in pending  # pulled files carry the time of the pull
 
@@ -479,4 +479,6 @@ def test_dvc_exp_run_sweep(built):
     assert 0.0 <= metrics["gap"] <= 1.0
     assert data["metrics"]["results/models/qrnn/train_stats.json"]["data"]["parameters"] != \
         baseline["data"]["metrics"]["results/models/qrnn/train_stats.json"]["data"]["parameters"]
+    # `dvc exp run` checks outputs out of the cache with fresh times; put them in pipeline order
+    run([sys.executable, "workflow/scripts/restore_mtimes.py"], built)
     assert "Nothing to be done" in run(["snakemake", "-n"], built)  # Snakemake agrees with the experiment
