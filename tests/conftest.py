@@ -19,7 +19,7 @@ def tool_env() -> dict:
     return env
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_yt8m() -> Path:
     if not (SHARED_YT8M / "2018" / "video").is_dir():
         pytest.skip(f"real YouTube-8M shards not found at {SHARED_YT8M}")
