@@ -36,7 +36,7 @@ def test_default_params_are_valid():
     ("models.qrnn.pooling", "max", "models.qrnn.pooling: 'max' is not one of 'f', 'fo', 'ifo'"),
     ("models.qrnn.kind", "transformer", "models.qrnn.kind: 'transformer' is not one of"),
     ("run_models", ["qrnn", "gru"], "run_models: unknown model 'gru'"),
-    ("data.source", "ftp://example.org", "data.source: 'ftp://example.org' does not match"),
+    ("data.source", "ftp://example.org", "data.source: 'ftp://example.org' is not a data source (allowed: generated, file://<mirror>, "),
     ("data.shards", {"train": 9, "validate": "all", "test": "all"}, "data.shards.train: selects more shards than the 4 generated"),
     ("data.shards", {"train": 0}, "data.shards.train: 0 is not a shard selection"),
     ("index.eval_fraction", 0, "index.eval_fraction: 0 is less than or equal to the minimum of 0"),

@@ -71,6 +71,8 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
         return f"{key}: {error.message}"
     if error.validator == "oneOf" and "shards" in error.absolute_path:
         return f"{key}: {error.instance!r} is not a shard selection (all, a count >= 1, a list of indices, or \"X,Y\")"
+    if error.validator in ("oneOf", "pattern") and error.schema.get("description"):
+        return f"{key}: {error.instance!r} is not {error.schema['description']}"
     return f"{key}: {error.message}"
 
 
