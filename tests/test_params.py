@@ -40,7 +40,7 @@ def test_default_params_are_valid():
     ("data.shards", {"train": 9, "validate": "all", "test": "all"}, "data.shards.train: selects more shards than the 4 generated"),
     ("data.shards", {"train": 0}, "data.shards.train: 0 is not a shard selection"),
     ("index.eval_fraction", 0, "index.eval_fraction: 0 is less than or equal to the minimum of 0"),
-    ("trian", {}, "unknown key 'trian' (allowed: data, evaluate, generate, index, models, report, run_models, train)"),
+    ("trian", {}, "unknown key 'trian' (allowed: bench, data, evaluate, generate, index, models, report, run_models, train)"),
     ("models.logistic.level", "frame", "models.logistic.level: kind logistic needs level 'video'"),
 ])
 def test_bad_params_are_named(path, value, expected):

@@ -18,6 +18,9 @@ pytestmark = pytest.mark.slow
 
 TINY_FRAME = {"learning_rate": 0.01, "batch_size": 16, "epochs": 2}
 TINY_VIDEO = {"learning_rate": 0.01, "batch_size": 16, "epochs": 2}
+TINY_BENCH = {"grid": {"hidden": 8, "batch_sizes": [4], "lengths": [8]},
+              "shape": {"batch": 4, "frames": 9, "inputs": 16, "hidden": 8}, "warmup": 0, "repeats": 1,
+              "input_pipeline": {"batch_size": 16, "max_files": 1, "repeats": 1}}
 
 
 def tiny_params() -> dict:
@@ -28,6 +31,7 @@ def tiny_params() -> dict:
         for size_key in ("cells", "hidden"):
             if size_key in model:
                 model[size_key] = 8
+    params["bench"] = TINY_BENCH
     return params
 
 
@@ -91,7 +95,7 @@ def test_snakemake_builds_everything_then_dvc_has_nothing_to_do(workspace):
     out = run(["snakemake", "--cores", "2"], workspace)
     models = ["logistic", "moe", "lstm", "qrnn"]
     assert snakemake_ran(out) == sorted(
-        ["generate", "fetch", "index", "report"] + [f"{s}@{m}" for s in ("train", "evaluate") for m in models])
+        ["generate", "fetch", "index", "bench", "report"] + [f"{s}@{m}" for s in ("train", "evaluate") for m in models])
     report = (workspace / "results" / "report.md").read_text()
     assert "Table 1" in report and "Table 2" in report and "Generated data" in report
     for model in models:
@@ -124,6 +128,6 @@ def test_dvc_builds_everything_then_snakemake_has_nothing_to_do(workspace):
     for folder in ("results", "resources", ".snakemake", "logs"):
         shutil.rmtree(workspace / folder, ignore_errors=True)
     out = run(["dvc", "repro", "--force"], workspace)
-    assert len(dvc_ran(out)) == 12
+    assert len(dvc_ran(out)) == 13
     assert (workspace / "results" / "report.md").exists()
     assert snakemake_pending(workspace) == {}

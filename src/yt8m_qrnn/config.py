@@ -20,6 +20,7 @@ STAGE_PARAMS = {
     "train": ["data.version", "models.{model}", "train"],
     "evaluate": ["data.version", "models.{model}", "evaluate"],
     "report": ["run_models", "report"],
+    "bench": ["bench"],
 }
 
 

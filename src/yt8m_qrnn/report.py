@@ -39,7 +39,7 @@ GENERATED_BANNER = (
 GENERATED_TAG = "generated data: not comparable with the paper"
 # The report stage's inputs, as dvc.yaml declares them (tests/test_report.py checks):
 # under `results`, and in the repository.
-RESULT_INPUTS = ("index/label_stats.json", "data/manifest.json", "models", "eval")
+RESULT_INPUTS = ("index/label_stats.json", "data/manifest.json", "models", "eval", "bench")
 CODE_INPUTS = ("workflow/scripts/report.py", "src/yt8m_qrnn/report.py", "src/yt8m_qrnn/paper_numbers.yaml")
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "pyarrow", "matplotlib", "snakemake", "dvc",
             "gcsfs", "jsonschema", "pyyaml", "yt8m-qrnn")
@@ -609,6 +609,121 @@ def plot_figures(runs, reference, results: Path, report_cfg: dict, generated: bo
     return figures
 
 
+# ---------------------------------------------------------------- QRNN speed (the bench stage)
+
+BENCH_RUN_HINT = ("`snakemake --cores all results/bench/summary.json` or `dvc repro bench` (or "
+                  "`python workflow/scripts/bench.py`); `bench.grid: paper` and `bench.shape: yt8m` in params.yaml "
+                  "select the Figure 4 grid of the QRNN paper and the YouTube-8M shape")
+
+
+def bench_section(results: Path) -> list[str]:
+    """Part 6, "QRNN speed": results/bench/ (yt8m_qrnn.bench) as tables, the targets marked met or not, the figure."""
+    folder = Path(results) / "bench"
+    lines = ["## 6. QRNN speed", ""]
+    if not (folder / "summary.json").exists():
+        return lines + [f"The bench has not been run (no `{folder / 'summary.json'}`). Run it with {BENCH_RUN_HINT}.", ""]
+    summary = _read_json(folder / "summary.json", "the bench stage writes it")
+    grid = _read_json(folder / "layer_grid.json", "the bench stage writes it")
+    pooling = _read_json(folder / "pooling.json", "the bench stage writes it")
+    pipeline = _read_json(folder / "input_pipeline.json", "the bench stage writes it")
+    try:
+        env, params = summary["environment"], summary["params"]
+
+        def duration(seconds):
+            return f"{1e3 * seconds:.1f} ms" if seconds < 1 else f"{seconds:.3f} s"
+
+        load = env["load_average_start"]
+        versions = env["versions"]
+        lines += [
+            f"Measured by the bench stage (`src/yt8m_qrnn/bench.py`, files in `results/bench/`) on "
+            f"**{env['device']}** ({env['cpus_usable']} usable of {env['cpu_count']} CPUs"
+            + ("; no GPU visible to TensorFlow" if not env.get("gpus") else "")
+            + f"), Keras {versions['keras']} on {env['backend']} {versions['tensorflow']}, numpy {versions['numpy']}, "
+            f"Python {versions['python']}; started {env['started']}, {fmt_seconds(summary['seconds'])} in all. "
+            f"Load average at the start {load[0]:.2f} / {load[1]:.2f} / {load[2]:.2f}"
+            + (f", at the end {env['load_average_end'][0]:.2f}" if env.get("load_average_end") else "")
+            + f". Params: grid `{json.dumps(params['grid'])}`, shape `{json.dumps(params['shape'])}`, "
+            f"{params['warmup']} warm-up step(s) after the first, median of {params['repeats']}.",
+            "",
+            markdown_table(pd.DataFrame(
+                [{"Target": t["target"], "Measured": t["measured_text"],
+                  "Status": t["status"] + (f" ({t['why_not_evaluated']})" if t.get("why_not_evaluated") else "")}
+                 for t in summary["targets"]])),
+            "",
+        ]
+        spec = grid["grid"]
+        ratios = {(c["batch"], c["length"]): c["ratio"] for c in grid["cells"]}
+        rows = [{"batch \\ length": str(b)} | {str(t): f"{ratios[(b, t)]:.2f}x" if (b, t) in ratios else NA
+                                               for t in spec["lengths"]} for b in spec["batch_sizes"]]
+        lines += [
+            f"### LSTM / QRNN step time over the grid `{spec['name']}` (hidden {spec['hidden']}, inputs {spec['inputs']})",
+            "",
+            markdown_table(pd.DataFrame(rows)) if rows else "No grid cell was measured.",
+            "",
+            "Each cell: the training step (forward, then the gradient of a scalar loss with respect to the inputs and "
+            "every weight, compiled as Keras trains) of one `keras.layers.LSTM` over that of one QRNN layer of the "
+            "same size (fo pooling, window 2), medians; the LSTM's time is the faster of tf.function and XLA. "
+            "Above 1: the QRNN is faster.",
+            "",
+        ]
+        at, shape = grid["at_shape"], grid["shape"]
+        used = pooling["layer_pool_impl"]
+        step_rows = [
+            {"Step": "QRNN layer (fo, window 2)", "Median": duration(at["qrnn_s"]), "Of the QRNN layer step": "100%"},
+            {"Step": "QRNN layer, again in the parts' round", "Median": duration(pooling["layer_s"]),
+             "Of the QRNN layer step": "100% (the shares below)"},
+            {"Step": "convolution alone (one matmul of [x_{t-1}, x_t], with its gradient)",
+             "Median": duration(pooling["convolution_s"]),
+             "Of the QRNN layer step": f"{100 * pooling['convolution_share']:.1f}%"},
+        ]
+        for name, impl in pooling["implementations"].items():
+            step_rows.append({"Step": f"pooling alone: {name}" + (" (the layer's)" if name == used else ""),
+                              "Median": duration(impl["median_s"]),
+                              "Of the QRNN layer step": f"{100 * impl['share_of_layer']:.1f}% "
+                                                        f"(max error vs float64 {impl['max_abs_error']:.1e})"})
+        step_rows += [
+            {"Step": "LSTM, tf.function", "Median": duration(at["lstm_plain_s"]),
+             "Of the QRNN layer step": f"{at['lstm_plain_s'] / at['qrnn_s']:.2f}x"},
+            {"Step": "LSTM, XLA (how Keras compiles a model of LSTMs)", "Median": duration(at["lstm_xla_s"]),
+             "Of the QRNN layer step": f"{at['lstm_xla_s'] / at['qrnn_s']:.2f}x"},
+        ]
+        raw, stream = pipeline["raw"], pipeline["pipeline"]
+        lines += [
+            f"### At the `{shape['name']}` shape (batch {shape['batch']}, {shape['frames']} frames, "
+            f"{shape['inputs']} inputs, hidden {shape['hidden']}): LSTM / QRNN {at['ratio']:.2f}x",
+            "",
+            markdown_table(pd.DataFrame(step_rows)),
+            "",
+            "Each part is timed alone with its own gradient, on the layer's own gate tensors for the pooling; "
+            "what the parts leave of the layer step is the gate activations and the products around the pooling.",
+            "",
+            "### Input pipeline",
+            "",
+            markdown_table(pd.DataFrame([row for row in [
+                {"Read": "raw `tf.data.TFRecordDataset` of the files", "Videos/s": fmt_rate(raw["videos_per_s"]),
+                 "MB/s": fmt_rate(raw["mb_per_s"]), "Frames/s": fmt_rate(raw["frames_per_s"])},
+                {"Read": "parse and dequantize alone (`yt8m_qrnn.data.frame_parser`, in parallel)",
+                 "Videos/s": fmt_rate(pipeline["parse_only"]["videos_per_s"]),
+                 "MB/s": fmt_rate(pipeline["parse_only"]["mb_per_s"]),
+                 "Frames/s": fmt_rate(pipeline["parse_only"]["frames_per_s"])} if "parse_only" in pipeline else None,
+                {"Read": "training stream (`yt8m_qrnn.data`: parse, dequantize, shuffle, pad, batch)",
+                 "Videos/s": fmt_rate(stream["videos_per_s"]), "MB/s": fmt_rate(stream["mb_per_s"]),
+                 "Frames/s": fmt_rate(stream["frames_per_s"])},
+            ] if row is not None])),
+            "",
+            f"{pipeline['videos']:,} videos ({pipeline['frames']:,} frames, {pipeline['bytes'] / 1e6:.1f} MB) in "
+            f"{len(pipeline['files'])} frame-level shard(s), {pipeline['source']}; batch {pipeline['batch_size']}; "
+            f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate.",
+            "",
+        ]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ReportError(f"{folder}: malformed bench results ({type(err).__name__}: {err})") from None
+    if (folder / "speedup.png").exists():
+        lines += ["![QRNN vs LSTM speed](bench/speedup.png)", "",
+                  "Left: LSTM / QRNN step time over the grid. Right: the step times at the shape, log scale.", ""]
+    return lines
+
+
 # ---------------------------------------------------------------- provenance
 
 def md5_file(path: Path) -> str:
@@ -977,6 +1092,7 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         *[f"- {_source_short(reference, key)}: {_source_cite(reference, key)}" for key in reference["sources"]],
         "",
     ]
+    parts += bench_section(results)
     text = "\n".join(parts)
     write_text(results / "report.md", text)
     return text

@@ -157,6 +157,10 @@ def outputs(stage: str, model: str | None = None) -> list[Path]:
         return [model_dir(model) / name for name in TRAIN_FILES]
     if stage == "evaluate":
         return [eval_dir(model) / name for name in EVAL_FILES]
+    if stage == "bench":
+        from .bench import FILES, OUT_DIR
+
+        return [OUT_DIR / name for name in FILES]
     if stage == "report":
         return [REPORT, FIGURES, TABLES]
     raise ValueError(f"unknown stage {stage!r}")
@@ -179,9 +183,11 @@ def locks(stage: str, model: str | None, params: dict) -> tuple[list[str], list[
         return ["data", "index"], [f"model-{model}"]
     if stage == "evaluate":
         return ["data", "index", f"model-{model}"], [f"eval-{model}"]
+    if stage == "bench":  # bench: results/bench
+        return ["data"], ["bench"]
     if stage == "report":
         models = params.get("run_models", [])
-        return ["data", "index"] + [f"{kind}-{m}" for m in models for kind in ("model", "eval")], ["report"]
+        return ["data", "index", "bench"] + [f"{kind}-{m}" for m in models for kind in ("model", "eval")], ["report"]
     raise ValueError(f"unknown stage {stage!r}")
 
 

@@ -9,6 +9,8 @@ rule report:
             model=MODELS,
             file=["metrics.json", "per_class_ap.csv", "pr_curve.csv", "eval_predictions.csv", "submission.csv"],
         ),
+        bench=expand("results/bench/{file}", file=["layer_grid.json", "pooling.json", "input_pipeline.json",
+                                                   "speedup.png", "summary.json"]),
         script=f"{SCRIPTS}/report.py",
         code=f"{PY}/report.py",
         reference=f"{PY}/paper_numbers.yaml",

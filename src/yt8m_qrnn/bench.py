@@ -1,0 +1,634 @@
+"""The bench stage: how fast one QRNN layer trains against one LSTM layer, and what feeds it.
+
+Measured on the machine that runs the stage (its CPU, or the GPU TensorFlow sees), with
+TensorFlow as the Keras backend, and written to results/bench/ (each file atomically):
+
+- layer_grid.json: the training step of one QRNN layer (yt8m_qrnn.qrnn.QRNN, fo pooling,
+  window 2) and of one keras.layers.LSTM of the same hidden size: forward, then the gradient
+  of a scalar loss (mean square of the output sequence) with respect to the inputs and every
+  weight, inside one compiled function as Keras trains. Over a grid of batch x sequence length
+  (`bench.grid`; "paper": Figure 4 of Bradbury et al. 2016, hidden 320 = inputs, batch 8..256
+  x length 32..512) and at one more shape (`bench.shape`; "yt8m": batch 128, 300 frames, 1152
+  inputs, hidden 1024), where the targets are checked. Every time is the median of
+  `bench.repeats` steps after the first (tracing, compiling) and `bench.warmup` more; the layers
+  of a cell take turns step by step (in a rotating order), so a machine that gets busier slows
+  them alike. The QRNN is compiled as Keras compiles it (tf.function: the layer declines XLA on
+  TensorFlow); the LSTM both ways Keras may compile it: tf.function, and XLA, which Keras picks
+  for a model of LSTMs on TensorFlow (jit_compile="auto"). The ratio LSTM / QRNN of a cell takes
+  the faster LSTM of the two, so it is never flattered by a slow compilation of the LSTM.
+- pooling.json: at `bench.shape`, the QRNN layer step beside its parts, timed the same way in
+  one round: the convolution alone (the one matmul of [x_{t-1}, x_t] with the kernel, plus the
+  bias, and its gradient) and the pooling alone (c_t = f_t c_{t-1} + (1 - f_t) z_t with its
+  gradient) on the layer's own gate tensors, for each implementation in
+  qrnn.LINEAR_RECURRENCES, each checked against a float64 recurrence. Share of the layer step:
+  pooling (the implementation the layer uses) / layer, convolution / layer.
+- input_pipeline.json: videos/s and MB/s of yt8m_qrnn.data's training stream (read, parse,
+  dequantize, filter, shuffle, pad, batch) over frame-level shards, beside a plain
+  tf.data.TFRecordDataset read of the same files in the same run (the two take turns; the
+  files are read once before, so both read from the page cache). The shards are those of
+  resources/yt8m (train split first); without any, a few are generated (yt8m_qrnn.synth) in a
+  temporary folder.
+- speedup.png: the ratio over the grid as a heatmap, and the step times at the shape.
+- summary.json (last): the machine (device, backend, versions, CPUs, load average at the start
+  and the end), the params, the headline numbers and the targets, met or not.
+
+Only `bench:` of params.yaml is read. Speed targets are checked here, against the measured
+numbers, and shown by the report (never asserted by tests).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .config import NUM_CLASSES, stage_params
+from .io import atomic_path, write_json
+
+OUT_DIR = Path("results/bench")
+DATA_ROOT = Path("resources/yt8m")
+FILES = ("layer_grid.json", "pooling.json", "input_pipeline.json", "speedup.png", "summary.json")
+
+WINDOW = 2
+POOLING = "fo"
+GRIDS = {
+    # Figure 4 of Bradbury et al. 2016 (QRNN): one layer, hidden 320, inputs = hidden.
+    "paper": {"hidden": 320, "inputs": 320, "batch_sizes": [8, 16, 32, 64, 128, 256],
+              "lengths": [32, 64, 128, 256, 512]},
+    "small": {"hidden": 128, "inputs": 128, "batch_sizes": [16, 64], "lengths": [32, 128]},
+}
+SHAPES = {
+    # The YouTube-8M frame-level model: batch 128, 300 frames of 1024 rgb + 128 audio, hidden 1024.
+    "yt8m": {"batch": 128, "frames": 300, "inputs": 1152, "hidden": 1024},
+    "small": {"batch": 16, "frames": 150, "inputs": 1152, "hidden": 256},
+}
+TARGETS = {
+    "qrnn_speedup": {"text": "QRNN layer step at least 1.5x faster than the LSTM (CPU, YouTube-8M shape)",
+                     "op": ">=", "value": 1.5},
+    "pooling_share": {"text": "pooling at most 15% of the QRNN layer step (YouTube-8M shape)",
+                      "op": "<=", "value": 0.15},
+    "input_pipeline_share": {"text": "input pipeline at least 60% of the raw read rate (MB/s, same files)",
+                             "op": ">=", "value": 0.60},
+}
+SYNTHETIC = {"seed": 0, "num_events": 12, "min_frames": 150, "max_frames": 300, "noise": 0.6}
+MB = 1e6
+
+
+def progress(message: str) -> None:
+    print(f"bench: {message}", flush=True)
+
+
+# ---------------------------------------------------------------- the stage
+
+def bench(params: dict) -> None:
+    """Stage 'bench': QRNN vs LSTM step times, the QRNN's pooling, the input pipeline (results/bench/)."""
+    cfg = stage_params(params, "bench")["bench"]
+    run_bench(cfg, OUT_DIR, data_root=DATA_ROOT)
+
+
+def resolve_grid(grid) -> dict:
+    spec = dict(GRIDS[grid]) | {"name": grid} if isinstance(grid, str) else dict(grid) | {"name": "custom"}
+    spec.setdefault("inputs", spec["hidden"])
+    return spec
+
+
+def resolve_shape(shape) -> dict:
+    if isinstance(shape, str):
+        return dict(SHAPES[shape]) | {"name": shape}
+    return dict(shape) | {"name": "yt8m" if dict(shape) == SHAPES["yt8m"] else "custom"}
+
+
+def run_bench(cfg: dict, out_dir: Path = OUT_DIR, *, data_root: Path = DATA_ROOT) -> dict:
+    """Every measurement of the module docstring; writes out_dir/*; returns the summary."""
+    out_dir = Path(out_dir)
+    started = time.time()
+    env = environment()
+    progress(f"{env['device']}; backend {env['backend']}; TensorFlow {env['versions'].get('tensorflow')}, "
+             f"Keras {env['versions'].get('keras')}; {env['cpus_usable']} usable CPUs; "
+             f"load average {' '.join(f'{v:.2f}' for v in env['load_average_start'])}")
+    tf = _tensorflow()
+    # every cell traces new functions on purpose: TensorFlow's retracing warning says nothing here
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    grid, shape = resolve_grid(cfg["grid"]), resolve_shape(cfg["shape"])
+    warmup, repeats = int(cfg["warmup"]), int(cfg["repeats"])
+
+    layers = {"grid": grid, "shape": shape, "window": WINDOW, "pooling": POOLING, "warmup": warmup,
+              "repeats": repeats, "loss": "mean square of the output sequence",
+              "gradient": "inputs and every weight", "compile": COMPILE_NOTE, "cells": []}
+    cells = [(b, t) for b in grid["batch_sizes"] for t in grid["lengths"]]
+    for number, (batch, length) in enumerate(cells, start=1):
+        cell = time_layers(tf, batch, length, grid["inputs"], grid["hidden"], warmup, repeats)
+        layers["cells"].append(cell)
+        progress(f"grid {number}/{len(cells)}: {_cell_line(cell)}")
+    layers["at_shape"] = time_layers(tf, shape["batch"], shape["frames"], shape["inputs"], shape["hidden"],
+                                     warmup, repeats)
+    progress(f"shape {shape['name']}: {_cell_line(layers['at_shape'])}")
+    write_json(out_dir / "layer_grid.json", layers)
+
+    pooling = time_pooling(tf, shape, warmup, repeats)
+    write_json(out_dir / "pooling.json", pooling)
+
+    pipeline = time_input_pipeline(tf, cfg["input_pipeline"], data_root)
+    write_json(out_dir / "input_pipeline.json", pipeline)
+
+    env["load_average_end"] = list(os.getloadavg())
+    summary = summarize(cfg, env, layers, pooling, pipeline, seconds=time.time() - started)
+    plot_speedup(layers, pooling, summary, out_dir / "speedup.png")
+    write_json(out_dir / "summary.json", summary)
+    for target in summary["targets"]:
+        progress(f"target {target['name']}: {target['status']} ({target['measured_text']})")
+    progress(f"done in {summary['seconds']:.0f} s; load average at the end "
+             f"{' '.join(f'{v:.2f}' for v in env['load_average_end'])}")
+    return summary
+
+
+def _cell_line(cell: dict) -> str:
+    return (f"batch {cell['batch']} x length {cell['length']} (inputs {cell['inputs']}, hidden {cell['hidden']}): "
+            f"QRNN {1e3 * cell['qrnn_s']:.1f} ms, LSTM {1e3 * cell['lstm_plain_s']:.1f} ms "
+            f"(XLA {1e3 * cell['lstm_xla_s']:.1f} ms): {cell['ratio']:.2f}x")
+
+
+# ---------------------------------------------------------------- the machine
+
+def _tensorflow():
+    import keras
+
+    if keras.backend.backend() != "tensorflow":
+        raise RuntimeError(f"the bench times TensorFlow-compiled steps; KERAS_BACKEND is {keras.backend.backend()!r}")
+    import tensorflow as tf
+
+    return tf
+
+
+def environment() -> dict:
+    import keras
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    names = []
+    for gpu in gpus:
+        try:
+            names.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
+        except (ValueError, RuntimeError):
+            names.append(gpu.name)
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "tensorflow": tf.__version__,
+                "keras": keras.__version__}
+    for package in ("tensorflow-cpu", "tensorflow"):
+        try:
+            versions["tensorflow_package"] = f"{package} {metadata.version(package)}"
+            break
+        except metadata.PackageNotFoundError:
+            continue
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    return {
+        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu_model()}",
+        "device_kind": "GPU" if gpus else "CPU",
+        "gpus": names,
+        "cpu": cpu_model(),
+        "backend": keras.backend.backend(),
+        "versions": versions,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": usable,
+        "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (every core)",
+        "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default (every core)",
+        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
+        "load_average_start": list(os.getloadavg()),
+        "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "python_executable": sys.executable,
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+# ---------------------------------------------------------------- timing
+
+def time_interleaved(steps: dict[str, Callable[[], object]], warmup: int, repeats: int) -> dict[str, dict]:
+    """Each step called once (tracing, compiling: `first_call_s`), `warmup` times more untimed, then
+    `repeats` times timed, the steps taking turns in a rotating order. Median wall time, and the
+    process's CPU time (every thread) of the same calls."""
+    results = {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        _wait(step())
+        results[name] = {"first_call_s": time.perf_counter() - start}
+    for _ in range(warmup):
+        for step in steps.values():
+            _wait(step())
+    names = list(steps)
+    wall = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for round_number in range(repeats):
+        shift = round_number % len(names)
+        for name in names[shift:] + names[:shift]:
+            cpu_start, start = time.process_time(), time.perf_counter()
+            _wait(steps[name]())
+            wall[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - cpu_start)
+    for name in names:
+        results[name] |= {"median_s": statistics.median(wall[name]), "min_s": min(wall[name]),
+                          "times_s": wall[name], "cpu_median_s": statistics.median(cpu[name])}
+    return results
+
+
+def _wait(result) -> None:
+    """Bring the smallest output tensor to the host: the step has then run to the end."""
+    import tensorflow as tf
+
+    tensors = [t for t in tf.nest.flatten(result) if hasattr(t, "shape")]
+    if tensors:
+        np.asarray(min(tensors, key=lambda t: int(np.prod(t.shape)))).sum()
+
+
+def training_step(tf, layer, x, jit_compile: bool) -> Callable[[], object]:
+    """The layer's forward and the gradient of mean(output^2) w.r.t. x and its weights, compiled."""
+    weights = layer.trainable_variables
+
+    @tf.function(jit_compile=jit_compile)
+    def step(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            loss = tf.reduce_mean(tf.square(layer(inputs, training=True)))
+        return tape.gradient(loss, [inputs, *weights])
+
+    return lambda: step(x)
+
+
+COMPILE_NOTE = ("qrnn: tf.function (the QRNN layer declines XLA on TensorFlow, as Keras then compiles it); "
+                "lstm_plain: tf.function; lstm_xla: tf.function(jit_compile=True), what Keras picks for a model "
+                "of LSTMs on TensorFlow; ratio = lstm_s / qrnn_s with lstm_s the faster of the two LSTM times")
+
+
+def _inputs(tf, batch, length, inputs, seed=0):
+    rng = np.random.default_rng(seed)
+    return tf.constant(rng.standard_normal((batch, length, inputs), dtype=np.float32))
+
+
+def make_qrnn(hidden: int, inputs: int, pool_impl: str = "auto"):
+    from .qrnn import QRNN
+
+    layer = QRNN(hidden, window=WINDOW, pooling=POOLING, return_sequences=True, pool_impl=pool_impl, seed=0)
+    layer.build((None, None, inputs))
+    return layer
+
+
+def make_lstm(hidden: int, inputs: int):
+    import keras
+
+    layer = keras.layers.LSTM(hidden, return_sequences=True, seed=0)
+    layer.build((None, None, inputs))
+    return layer
+
+
+def time_layers(tf, batch: int, length: int, inputs: int, hidden: int, warmup: int, repeats: int) -> dict:
+    """One cell: the QRNN and the LSTM (tf.function and XLA) training steps at [batch, length, inputs]."""
+    import keras
+
+    x = _inputs(tf, batch, length, inputs)
+    qrnn, lstm = make_qrnn(hidden, inputs), make_lstm(hidden, inputs)
+    steps = {"qrnn": training_step(tf, qrnn, x, jit_compile=False),
+             "lstm_plain": training_step(tf, lstm, x, jit_compile=False),
+             "lstm_xla": training_step(tf, lstm, x, jit_compile=True)}
+    timed = time_interleaved(steps, warmup, repeats)
+    del steps, qrnn, lstm, x
+    keras.backend.clear_session()
+    gc.collect()
+    lstm_s = min(timed["lstm_plain"]["median_s"], timed["lstm_xla"]["median_s"])
+    qrnn_s = timed["qrnn"]["median_s"]
+    return {
+        "batch": batch, "length": length, "inputs": inputs, "hidden": hidden,
+        "qrnn_s": qrnn_s, "lstm_plain_s": timed["lstm_plain"]["median_s"], "lstm_xla_s": timed["lstm_xla"]["median_s"],
+        "lstm_s": lstm_s, "lstm_compile": "plain" if lstm_s == timed["lstm_plain"]["median_s"] else "xla",
+        "ratio": lstm_s / qrnn_s,
+        "ratio_keras_default": timed["lstm_xla"]["median_s"] / qrnn_s,
+        "ratio_cpu_time": min(timed["lstm_plain"]["cpu_median_s"], timed["lstm_xla"]["cpu_median_s"])
+        / timed["qrnn"]["cpu_median_s"],
+        "timings": timed,
+    }
+
+
+# ---------------------------------------------------------------- the QRNN's parts
+
+def reference_recurrence(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """c_t = a_t c_{t-1} + b_t, c_0 = 0, in float64, step by step (a, b: [B, T, H])."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    states = np.empty_like(b)
+    state = np.zeros_like(b[:, 0])
+    for t in range(b.shape[1]):
+        state = a[:, t] * state + b[:, t]
+        states[:, t] = state
+    return states
+
+
+def time_pooling(tf, shape: dict, warmup: int, repeats: int) -> dict:
+    """The QRNN layer step and its parts at `shape`, in one interleaved round (see the module docstring)."""
+    import keras
+
+    from .qrnn import LINEAR_RECURRENCES, resolve_pool_impl
+
+    used = resolve_pool_impl("auto")
+    x = _inputs(tf, shape["batch"], shape["frames"], shape["inputs"])
+    layer = make_qrnn(shape["hidden"], shape["inputs"])
+    gates = layer._gates(x, training=False)
+    decay, new_input = layer._recurrence_terms(gates)  # the tensors the layer's pooling solves for
+    expected = reference_recurrence(decay, new_input)
+    scale = max(1.0, float(np.abs(expected).max()))
+
+    @tf.function
+    def convolution(inputs):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            pre_activations = keras.ops.matmul(layer._windowed_inputs(inputs), layer.kernel) + layer.bias
+            loss = tf.reduce_mean(tf.square(pre_activations))
+        return tape.gradient(loss, [inputs, layer.kernel, layer.bias])
+
+    def pooling_step(recurrence):
+        @tf.function
+        def step(a, b):
+            with tf.GradientTape() as tape:
+                tape.watch([a, b])
+                loss = tf.reduce_mean(tf.square(recurrence(a, b)))
+            return tape.gradient(loss, [a, b])
+
+        return lambda: step(decay, new_input)
+
+    agreement = {}
+    for name, recurrence in LINEAR_RECURRENCES.items():
+        states = np.asarray(tf.function(recurrence)(decay, new_input), np.float64)
+        error = float(np.abs(states - expected).max())
+        agreement[name] = {"max_abs_error": error, "max_abs_error_scaled": error / scale}
+        progress(f"pooling {name}: max |error| against float64 {error:.2e}")
+    del expected
+
+    steps = {"layer": training_step(tf, layer, x, jit_compile=False), "convolution": lambda: convolution(x)}
+    steps |= {f"pooling_{name}": pooling_step(recurrence) for name, recurrence in LINEAR_RECURRENCES.items()}
+    timed = time_interleaved(steps, warmup, repeats)
+    layer_s = timed["layer"]["median_s"]
+    implementations = {name: {"median_s": timed[f"pooling_{name}"]["median_s"],
+                              "share_of_layer": timed[f"pooling_{name}"]["median_s"] / layer_s,
+                              **agreement[name], "timings": timed[f"pooling_{name}"]}
+                       for name in LINEAR_RECURRENCES}
+    result = {
+        "shape": shape, "window": WINDOW, "pooling": POOLING, "warmup": warmup, "repeats": repeats,
+        "layer_pool_impl": used,
+        "layer_s": layer_s, "convolution_s": timed["convolution"]["median_s"],
+        "pooling_s": implementations[used]["median_s"],
+        "pooling_share": implementations[used]["median_s"] / layer_s,
+        "convolution_share": timed["convolution"]["median_s"] / layer_s,
+        "other_share": 1.0 - (implementations[used]["median_s"] + timed["convolution"]["median_s"]) / layer_s,
+        "implementations": implementations,
+        "timings": {"layer": timed["layer"], "convolution": timed["convolution"]},
+        "note": ("each part timed alone with its own gradient (loss: mean square of its output); "
+                 "other_share: gate activations, the products around the pooling, and what the parts "
+                 "do not share"),
+    }
+    progress(f"shape {shape['name']}: QRNN layer {1e3 * layer_s:.1f} ms, convolution "
+             f"{1e3 * result['convolution_s']:.1f} ms ({100 * result['convolution_share']:.0f}%), pooling "
+             + ", ".join(f"{n} {1e3 * v['median_s']:.1f} ms" for n, v in implementations.items())
+             + f" ({used} in the layer: {100 * result['pooling_share']:.1f}%)")
+    del steps, layer, x, gates, decay, new_input
+    keras.backend.clear_session()
+    gc.collect()
+    return result
+
+
+# ---------------------------------------------------------------- the input pipeline
+
+def frame_shards(data_root: Path, max_files: int) -> list[tuple[int, str]]:
+    """(version, path relative to data_root) of up to max_files frame-level shards, train split first."""
+    data_root = Path(data_root)
+    found = []
+    for path in sorted(data_root.glob("*/frame/*/*.tfrecord")):
+        version, _, split, _ = path.relative_to(data_root).parts
+        if version.isdigit() and int(version) in NUM_CLASSES:
+            found.append((split != "train", int(version), path.relative_to(data_root).as_posix()))
+    found.sort()
+    return [(version, rel) for _, version, rel in found[:max_files]]
+
+
+def generate_shards(root: Path, files: int, videos: int) -> list[tuple[int, str]]:
+    from .synth import generate_mirror
+
+    gen = dict(SYNTHETIC) | {"splits": {"train": [files, videos]}}
+    generate_mirror(gen, version=2, num_classes=NUM_CLASSES[2], root=root)
+    return frame_shards(root, files)
+
+
+def shard_rows(data_root: Path, shards: list[tuple[int, str]]):
+    """Index rows (level, shard, id, num_frames) of every record of the shards, as the index stage makes them."""
+    import pandas as pd
+
+    from .index import parse_video_record
+    from .tfrecord import iter_records
+
+    rows = []
+    for version, rel in shards:
+        for _, data in iter_records(Path(data_root) / rel, verify=False):
+            video_id, _, frames = parse_video_record(data, version, "frame")
+            rows.append({"level": "frame", "shard": rel, "id": video_id, "num_frames": frames})
+    return pd.DataFrame(rows)
+
+
+def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
+    from .data import MAX_FRAMES, frame_parser, make_training_stream
+
+    max_files, batch_size, repeats = int(cfg["max_files"]), int(cfg["batch_size"]), int(cfg["repeats"])
+    with tempfile.TemporaryDirectory(prefix="yt8m-bench-") as tmp:
+        shards, root = frame_shards(data_root, max_files), Path(data_root)
+        source = f"{data_root} (the pipeline's frame-level shards)"
+        if not shards:
+            root = Path(tmp) / "generated"
+            videos = int(cfg.get("synthetic_videos", 64))
+            progress(f"no frame-level shards under {data_root}: generating {max_files} x {videos} videos "
+                     f"({SYNTHETIC['min_frames']}-{SYNTHETIC['max_frames']} frames) in {root}")
+            shards = generate_shards(root, max_files, videos)
+            source = (f"generated by yt8m_qrnn.synth in a temporary folder ({max_files} shards x {videos} videos, "
+                      f"{SYNTHETIC['min_frames']}-{SYNTHETIC['max_frames']} frames)")
+        versions = {version for version, _ in shards}
+        if len(versions) != 1:
+            raise ValueError(f"frame-level shards of several dataset versions under {data_root}: {sorted(versions)}")
+        version = versions.pop()
+        rows = shard_rows(root, shards)
+        paths = [str(root / rel) for _, rel in shards]
+        total_bytes = sum(os.path.getsize(p) for p in paths)
+        counted = {}
+
+        def raw():
+            videos = 0
+            for records in tf.data.TFRecordDataset(paths).batch(batch_size):
+                videos += int(records.shape[0])
+            counted["raw"] = videos
+
+        parse = frame_parser(version, NUM_CLASSES[version], MAX_FRAMES)
+
+        def parsed():
+            dataset = tf.data.TFRecordDataset(paths).map(parse, num_parallel_calls=tf.data.AUTOTUNE)
+            dataset = dataset.map(lambda _, features, *rest: tf.reduce_sum(features),
+                                  num_parallel_calls=tf.data.AUTOTUNE).batch(batch_size)
+            videos = 0
+            for sums in dataset:
+                videos += int(sums.shape[0])
+            counted["parse_only"] = videos
+
+        def stream():
+            dataset = make_training_stream(root, rows, "frame", version, NUM_CLASSES[version], batch_size,
+                                           seed=0, start_epoch=0, end_epoch=1)
+            videos = 0
+            for _, labels in dataset:
+                videos += int(labels.shape[0])
+            counted["pipeline"] = videos
+
+        progress(f"input pipeline: {len(paths)} shards, {len(rows)} videos, {total_bytes / MB:.1f} MB; "
+                 f"batch {batch_size}, {repeats} repeats")
+        timed = time_interleaved({"raw": raw, "parse_only": parsed, "pipeline": stream}, warmup=0, repeats=repeats)
+    result = {"source": source, "files": [rel for _, rel in shards], "version": version, "videos": int(len(rows)),
+              "frames": int(rows["num_frames"].sum()), "max_frames": int(rows["num_frames"].max()),
+              "bytes": total_bytes, "batch_size": batch_size, "repeats": repeats,
+              "note": ("each pass reads every file once; the first pass of each is not timed, so the timed ones read "
+                       "from the page cache; "
+                       "MB/s: bytes of the files (1 MB = 1e6 bytes) / seconds; raw: "
+                       "tf.data.TFRecordDataset(files).batch(batch_size); parse_only: the same read, "
+                       "yt8m_qrnn.data.frame_parser (parse, decode, dequantize) mapped in parallel and each video's "
+                       "features summed, without the id filter, shuffle, padding and batching of the stream; "
+                       "pipeline: yt8m_qrnn.data.make_training_stream (one epoch)")}
+    for name in ("raw", "parse_only", "pipeline"):
+        seconds = timed[name]["median_s"]
+        if counted[name] != len(rows):
+            raise RuntimeError(f"input pipeline bench: the {name} pass gave {counted[name]} videos, not {len(rows)}")
+        result[name] = {"seconds": seconds, "videos_per_s": len(rows) / seconds,
+                        "mb_per_s": total_bytes / MB / seconds, "frames_per_s": result["frames"] / seconds,
+                        "timings": timed[name]}
+    result["share_of_raw"] = result["pipeline"]["mb_per_s"] / result["raw"]["mb_per_s"]
+    progress(f"input pipeline: {result['pipeline']['videos_per_s']:.0f} videos/s, "
+             f"{result['pipeline']['mb_per_s']:.1f} MB/s; raw read {result['raw']['videos_per_s']:.0f} videos/s, "
+             f"{result['raw']['mb_per_s']:.1f} MB/s ({100 * result['share_of_raw']:.0f}%); parse and dequantize "
+             f"alone {result['parse_only']['videos_per_s']:.0f} videos/s")
+    return result
+
+
+# ---------------------------------------------------------------- summary, targets, figure
+
+def _check(name: str, measured: float | None, why_not: str | None, text: str) -> dict:
+    target = TARGETS[name]
+    if measured is None or why_not:
+        status, met = "not evaluated", None
+    else:
+        met = measured >= target["value"] if target["op"] == ">=" else measured <= target["value"]
+        status = "met" if met else "not met"
+    return {"name": name, "target": target["text"], "op": target["op"], "value": target["value"],
+            "measured": measured, "measured_text": text, "met": met, "status": status,
+            "why_not_evaluated": why_not}
+
+
+def summarize(cfg: dict, env: dict, layers: dict, pooling: dict, pipeline: dict, seconds: float) -> dict:
+    shape, at_shape = layers["shape"], layers["at_shape"]
+    ratios = [cell["ratio"] for cell in layers["cells"]]
+    off_shape = None if shape["name"] == "yt8m" else \
+        f"measured at the {shape['name']} shape {_shape_text(shape)}; the target is set at the YouTube-8M shape " \
+        "(bench.shape: yt8m)"
+    off_cpu = None if env["device_kind"] == "CPU" else "measured on a GPU; the target is set on a CPU"
+    targets = [
+        _check("qrnn_speedup", at_shape["ratio"], off_shape or off_cpu,
+               f"{at_shape['ratio']:.2f}x (QRNN {at_shape['qrnn_s']:.3f} s, LSTM {at_shape['lstm_s']:.3f} s)"),
+        _check("pooling_share", pooling["pooling_share"], off_shape,
+               f"{100 * pooling['pooling_share']:.1f}% ({pooling['layer_pool_impl']} pooling "
+               f"{pooling['pooling_s']:.3f} s of the layer's {pooling['layer_s']:.3f} s)"),
+        _check("input_pipeline_share", pipeline["share_of_raw"], None,
+               f"{100 * pipeline['share_of_raw']:.0f}% ({pipeline['pipeline']['mb_per_s']:.1f} MB/s of "
+               f"{pipeline['raw']['mb_per_s']:.1f} MB/s)"),
+    ]
+    return {
+        "params": cfg,
+        "environment": env,
+        "seconds": seconds,
+        "grid": {k: layers["grid"][k] for k in ("name", "hidden", "inputs", "batch_sizes", "lengths")},
+        "grid_ratio": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)} if ratios else None,
+        "shape": shape,
+        "at_shape": {k: at_shape[k] for k in ("qrnn_s", "lstm_s", "lstm_plain_s", "lstm_xla_s", "ratio",
+                                              "ratio_keras_default", "ratio_cpu_time")},
+        "pooling": {"impl": pooling["layer_pool_impl"], "share": pooling["pooling_share"],
+                    "convolution_share": pooling["convolution_share"],
+                    "implementations_s": {n: v["median_s"] for n, v in pooling["implementations"].items()}},
+        "input_pipeline": {"videos_per_s": pipeline["pipeline"]["videos_per_s"],
+                           "mb_per_s": pipeline["pipeline"]["mb_per_s"],
+                           "raw_videos_per_s": pipeline["raw"]["videos_per_s"], "raw_mb_per_s": pipeline["raw"]["mb_per_s"],
+                           "share_of_raw": pipeline["share_of_raw"], "source": pipeline["source"]},
+        "targets": targets,
+        "files": list(FILES),
+    }
+
+
+def _shape_text(shape: dict) -> str:
+    return f"(batch {shape['batch']}, {shape['frames']} frames, {shape['inputs']} inputs, hidden {shape['hidden']})"
+
+
+def plot_speedup(layers: dict, pooling: dict, summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import TwoSlopeNorm
+
+    grid = layers["grid"]
+    batches, lengths = grid["batch_sizes"], grid["lengths"]
+    ratio = np.full((len(batches), len(lengths)), np.nan)
+    for cell in layers["cells"]:
+        ratio[batches.index(cell["batch"]), lengths.index(cell["length"])] = cell["ratio"]
+    fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
+    low, high = np.nanmin(ratio), np.nanmax(ratio)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(low, 0.5), vmax=max(high, 2.0))
+    image = heat_ax.imshow(ratio, cmap="RdYlGn", norm=norm, aspect="auto")
+    for i in range(len(batches)):
+        for j in range(len(lengths)):
+            if not np.isnan(ratio[i, j]):
+                heat_ax.text(j, i, f"{ratio[i, j]:.2f}x", ha="center", va="center", fontsize=9)
+    heat_ax.set_xticks(range(len(lengths)), [str(v) for v in lengths])
+    heat_ax.set_yticks(range(len(batches)), [str(v) for v in batches])
+    heat_ax.set(xlabel="sequence length", ylabel="batch size",
+                title=f"LSTM / QRNN step time, grid {grid['name']} (hidden {grid['hidden']}, inputs {grid['inputs']})")
+    fig.colorbar(image, ax=heat_ax, label="> 1: the QRNN is faster")
+
+    at_shape = layers["at_shape"]
+    bars = [("QRNN layer", at_shape["qrnn_s"], "tab:green"),
+            ("  convolution alone", pooling["convolution_s"], "tab:olive")]
+    bars += [(f"  pooling alone: {name}" + (" (used)" if name == pooling["layer_pool_impl"] else ""),
+              value["median_s"], "tab:cyan") for name, value in pooling["implementations"].items()]
+    bars += [("LSTM (tf.function)", at_shape["lstm_plain_s"], "tab:red"),
+             ("LSTM (XLA)", at_shape["lstm_xla_s"], "tab:pink")]
+    ys = list(range(len(bars)))[::-1]
+    bar_ax.barh(ys, [b[1] for b in bars], color=[b[2] for b in bars])
+    for y, (_, value, _) in zip(ys, bars):
+        bar_ax.text(value, y, f" {1e3 * value:.1f} ms" if value < 1 else f" {value:.2f} s", va="center", fontsize=8)
+    bar_ax.set_yticks(ys, [b[0] for b in bars], fontsize=8)
+    bar_ax.set_xscale("log")
+    shape = layers["shape"]
+    bar_ax.set(xlabel="step time, forward + gradient (s, log scale)",
+               title=f"Shape {shape['name']} {_shape_text(shape)}: {at_shape['ratio']:.2f}x")
+    bar_ax.grid(axis="x", alpha=0.3)
+    env = summary["environment"]
+    fig.suptitle(f"QRNN vs LSTM training step: {env['device']}, {env['backend']} {env['versions']['tensorflow']}, "
+                 f"{env['cpus_usable']} CPUs, load {env['load_average_start'][0]:.1f} at the start", fontsize=10)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
