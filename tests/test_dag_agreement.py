@@ -1,5 +1,6 @@
 """Snakemake and DVC drive the same DAG: stages, inputs, outputs, params, commands."""
 import re
+import shutil
 import subprocess
 
 import pytest
@@ -9,14 +10,26 @@ from conftest import REPO, tool_env
 from yt8m_qrnn.config import params_stamp_path, stage_keys
 
 LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
+JOB_HEADER = re.compile(r"\n(?=\[[^\]]+\]\n(?:local)?(?:rule|checkpoint) )")
+
+# Snakemake-only helper rules, and the DVC stage they are part of. DVC runs the fetch as one
+# stage: workflow/scripts/fetch.py plans, verifies or downloads every shard and publishes.
+# Snakemake splits it so that a cluster downloads the shards in parallel: the checkpoint
+# fetch_plan (which shards the params select) and one fetch_shard job per shard run the same
+# code (src/yt8m_qrnn/fetch.py), and the fetch rule gathers. So their inputs must be inputs
+# of DVC's fetch stage; their outputs (the plan and the per-shard records in resources/store)
+# are bookkeeping that DVC's fetch writes too but does not declare, and their command is
+# the fan-out's own (workflow/scripts/fetch_shard.py), which DVC never runs.
+FOLDED_INTO = {"fetch_plan": "fetch", "fetch_shard": "fetch"}
+TBD = "<TBD>"  # a dry run's placeholder for inputs known only after a checkpoint ran
 
 
-def snakemake_jobs() -> dict[str, dict]:
-    out = subprocess.run(["snakemake", "-n", "--forceall", "-p"], cwd=REPO, env=tool_env(), capture_output=True,
+def snakemake_jobs(args=("--forceall",), cwd=REPO) -> dict[str, dict]:
+    out = subprocess.run(["snakemake", "-n", "-p", *args], cwd=cwd, env=tool_env(), capture_output=True,
                          text=True, check=True).stdout
     jobs = {}
-    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", out):
-        rule = re.search(r"^(?:local)?rule (\w+):$", block, re.M)
+    for block in JOB_HEADER.split(out):
+        rule = re.search(r"^(?:local)?(?:rule|checkpoint) (\w+):$", block, re.M)
         if not rule or rule.group(1) == "all":
             continue
         rule = rule.group(1)
@@ -24,15 +37,29 @@ def snakemake_jobs() -> dict[str, dict]:
         shell = re.search(r"^Shell command: (.*)$", block, re.M)
         shell = shell.group(1) if shell else ""
         wildcards = dict(w.split("=") for w in fields.get("wildcards", "").split(", ") if w)
-        name = rule + (f"@{wildcards['model']}" if "model" in wildcards else "")
+        item = wildcards.get("model") or wildcards.get("shard")
+        name = rule + (f"@{item}" if item else "")
         jobs[name] = {
-            "inputs": set(fields.get("input", "").split(", ")) - {""},
+            "inputs": set(fields.get("input", "").split(", ")) - {"", TBD},
             "outputs": set(fields["output"].split(", ")),
             "cmd": LOG_REDIRECT.sub("", shell.strip()),
             "model": wildcards.get("model"),
             "stage": rule,
         }
     return jobs
+
+
+def fold_helpers(jobs: dict[str, dict]) -> dict[str, dict]:
+    """The jobs as DVC stages: each helper job's inputs joined to its stage's, less the helpers' outputs."""
+    helpers = {name: job for name, job in jobs.items() if job["stage"] in FOLDED_INTO}
+    folded = {name: dict(job) for name, job in jobs.items() if name not in helpers}
+    made_by_helpers = set().union(*(job["outputs"] for job in helpers.values()))
+    for job in helpers.values():
+        target = folded[FOLDED_INTO[job["stage"]]]
+        target["inputs"] = target["inputs"] | job["inputs"]
+    for job in folded.values():
+        job["inputs"] = job["inputs"] - made_by_helpers
+    return folded
 
 
 def dvc_stages() -> dict[str, dict]:
@@ -52,8 +79,42 @@ def dvc_stages() -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def both():
-    return snakemake_jobs(), dvc_stages()
+def fanned_out(tmp_path_factory) -> dict[str, dict]:
+    """The fan-out jobs, which a dry run lists only once the checkpoint has run: a copy of the
+    repository with a small generated dataset, generate and fetch_plan run for real, then a
+    dry run that reruns everything from fetch_shard on."""
+    from test_pipeline import copy_repo, tiny_params
+
+    root = tmp_path_factory.mktemp("fanout")
+    copy_repo(root)
+    params = tiny_params()
+    params["generate"]["splits"] = {"train": [2, 4], "validate": [1, 4], "test": [1, 4]}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run(["snakemake", "--cores", "1", "resources/store/plan.json"], cwd=root, env=tool_env(),
+                   capture_output=True, text=True, check=True)
+    jobs = snakemake_jobs(["--forcerun", "fetch_shard"], cwd=root)
+    shutil.rmtree(root, ignore_errors=True)
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def both(fanned_out):
+    jobs = snakemake_jobs()
+    jobs |= {name: job for name, job in fanned_out.items() if job["stage"] == "fetch_shard"}
+    return fold_helpers(jobs), dvc_stages()
+
+
+def test_fetch_fans_out_into_snakemake_only_helpers(fanned_out):
+    """One fetch_shard job per shard (2 levels x 4 generated shards), in none of DVC's stages."""
+    shards = sorted(name for name in fanned_out if name.startswith("fetch_shard@"))
+    assert shards == sorted(f"fetch_shard@2/{level}/{split}/{split}{i:04d}.tfrecord" for level in ("video", "frame")
+                            for split, count in (("train", 2), ("validate", 1), ("test", 1)) for i in range(count))
+    for name in shards:
+        assert fanned_out[name]["cmd"] == f"python workflow/scripts/fetch_shard.py --shard {name.split('@')[1]}"
+    assert fanned_out["fetch"]["inputs"] >= {f"resources/store/records/{n.split('@')[1]}.json" for n in shards}
+    dvc = dvc_stages()
+    assert not set(FOLDED_INTO) & {name.split("@")[0] for name in dvc}
+    assert not any("fetch_shard" in stage["cmd"] for stage in dvc.values())
 
 
 def test_same_stages(both):
@@ -94,8 +155,8 @@ def test_same_commands(both):
 
 def test_every_rule_has_log_conda_benchmark():
     text = "".join(p.read_text() for p in (REPO / "workflow" / "rules").glob("*.smk"))
-    rules = re.findall(r"^rule (\w+):\n((?:    .*\n|\n)*)", text, re.M)
-    assert len(rules) >= 6
+    rules = re.findall(r"^(?:rule|checkpoint) (\w+):\n((?:    .*\n|\n)*)", text, re.M)
+    assert len(rules) >= 8
     for name, body in rules:
         for directive in ("log:", "conda:", "benchmark:", "input:", "output:"):
             assert f"    {directive}" in body, f"rule {name} lacks {directive}"

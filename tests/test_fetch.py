@@ -11,8 +11,9 @@ import pytest
 
 from conftest_servers import MirrorServer, gcs_emulator
 from yt8m_qrnn import fetch
-from yt8m_qrnn.fetch import (FetchError, RetryPolicy, fetch_dataset, md5_file, partition_keep, plan_url,
-                             remote_to_local_name, select_shards, shard_folder_url)
+from yt8m_qrnn.fetch import (FetchError, RetryPolicy, fetch_dataset, fetch_one_shard, fetch_planned, md5_file,
+                             partition_keep, plan_dataset, plan_url, remote_to_local_name, select_shards,
+                             shard_folder_url)
 
 FAST = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.01, timeout=5)
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m"
@@ -198,6 +199,109 @@ def test_hostile_plan_names_are_rejected_and_nothing_is_written(tmp_path):
     assert not list(tmp_path.rglob("evil*"))
 
 
+# ---------------------------------------------------------------- the plan, then one shard at a time (the fan-out)
+
+def without_times(manifest_files: list[dict]) -> list[dict]:
+    return [{k: v for k, v in entry.items() if k != "fetched_at"} for entry in manifest_files]
+
+
+def test_plan_then_one_shard_at_a_time_is_fetch_dataset(tmp_path, monkeypatch):
+    remote = {"train": ["trainaa.tfrecord", "trainab.tfrecord", "trainba.tfrecord"],
+              "validate": ["validateaa.tfrecord", "validateab.tfrecord"]}
+    contents = write_mirror(tmp_path / "mirror", remote)
+    params = data_params(f"file://{tmp_path / 'mirror'}", splits=["train", "validate"],
+                         shards={"train": [0, 62], "validate": 1})
+    plan = plan_dataset(params, retry=FAST)
+    assert not (tmp_path / "dest").exists()  # nothing downloaded, nothing written
+    assert plan == plan_dataset(params, retry=FAST)  # deterministic: a rerun finds it unchanged
+    assert plan["version"] == 2 and plan["source"] == f"file://{tmp_path / 'mirror'}"
+    assert [(e["name"], e["remote"]) for e in plan["shards"]] == [
+        ("2/video/train/train0000.tfrecord", "trainaa.tfrecord"), ("2/video/train/train0062.tfrecord", "trainba.tfrecord"),
+        ("2/video/validate/validate0000.tfrecord", "validateaa.tfrecord")]
+    for entry in plan["shards"]:
+        assert entry["expected"] == {"md5": hashlib.md5(contents[entry["remote"]]).hexdigest(), "crc32c": None,
+                                     "size": None, "generation": None}
+    assert json.loads(json.dumps(plan)) == plan  # what the checkpoint writes to disk
+
+    whole = fetch_dataset(params, tmp_path / "whole", tmp_path / "whole.json", progress=False, retry=FAST)
+    one_by_one = [fetch_one_shard(params, entry, tmp_path / "dest", retry=FAST) for entry in plan["shards"]]
+    assert without_times(one_by_one) == without_times(whole["files"])  # entries named as fetch_dataset names them
+    for entry in one_by_one:
+        assert (tmp_path / "dest" / entry["name"]).read_bytes() == contents[entry["remote"].rsplit("/", 1)[1]]
+    assert files_under(tmp_path / "dest") == sorted(
+        f"{e['name']}{suffix}" for e in one_by_one for suffix in ("", ".verified.json"))
+
+    copied = []
+    real_copy = fetch._copy_to_part
+    monkeypatch.setattr(fetch, "_copy_to_part", lambda ctx, shard, *a: copied.append(shard) or real_copy(ctx, shard, *a))
+    assert [fetch_one_shard(params, e, tmp_path / "dest", retry=FAST) for e in plan["shards"]] == one_by_one
+    manifest = fetch_planned(params, plan, tmp_path / "dest", tmp_path / "manifest.json", progress=False, retry=FAST)
+    assert copied == []  # verified shards: neither the shard jobs nor the gather download them again
+    assert manifest == json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["files"] == sorted(one_by_one, key=lambda e: e["name"])
+
+
+def test_one_shard_is_verified_like_the_rest(tmp_path):
+    """A shard whose bytes do not match the plan: retried, then a one-line error; no file left."""
+    write_mirror(tmp_path / "mirror", {"train": ["trainaa.tfrecord", "trainab.tfrecord"]})
+    params = data_params(f"file://{tmp_path / 'mirror'}")
+    plan = plan_dataset(params, retry=FAST)
+    bad = plan["shards"][1] | {"expected": plan["shards"][1]["expected"] | {"md5": "0" * 32}}
+    with pytest.raises(FetchError, match=r"^2/video/train/train0001.tfrecord \(remote trainab.tfrecord\): md5 mismatch: "
+                                         rf"expected 0{{32}}, got [0-9a-f]{{32}} after {FAST.attempts} attempts"):
+        fetch_one_shard(params, bad, tmp_path / "dest", retry=FAST)
+    assert files_under(tmp_path / "dest") == []
+    assert fetch_one_shard(params, plan["shards"][0], tmp_path / "dest", retry=FAST)["name"] == plan["shards"][0]["name"]
+
+
+def test_plan_entries_that_do_not_fit_the_params_are_refused(tmp_path):
+    write_mirror(tmp_path / "mirror", {"train": ["trainaa.tfrecord"]})
+    params = data_params(f"file://{tmp_path / 'mirror'}")
+    entry = plan_dataset(params, retry=FAST)["shards"][0]
+    with pytest.raises(FetchError, match="does not fit the params"):
+        fetch_one_shard(params | {"version": 1}, entry, tmp_path / "dest", retry=FAST)
+    with pytest.raises(FetchError, match="unsafe remote shard name"):
+        fetch_one_shard(params, entry | {"remote": "../trainaa.tfrecord"}, tmp_path / "dest", retry=FAST)
+    with pytest.raises(FetchError, match="invalid level/split"):
+        fetch_one_shard(params, entry | {"split": "../train"}, tmp_path / "dest", retry=FAST)
+    with pytest.raises(FetchError, match="malformed shard plan entry"):
+        fetch_one_shard(params, {"name": entry["name"]}, tmp_path / "dest", retry=FAST)
+    assert not (tmp_path / "dest").exists()
+    with pytest.raises(FetchError, match=r"data.shards.train: shard selection 2: only 1 shards available"):
+        plan_dataset(params | {"shards": {"train": 2}}, retry=FAST)  # the same errors as fetch_dataset
+
+
+def test_fan_out_stages_write_what_the_single_fetch_stage_writes(tmp_path, monkeypatch):
+    """stages.fetch_plan + one stages.fetch_shard per shard (Snakemake) leave the plan and the
+    records that stages.fetch (DVC's one stage) finds unchanged; a plan of other params is refused."""
+    from yt8m_qrnn import stages
+
+    write_mirror(tmp_path / "mirror", {"train": ["trainaa.tfrecord", "trainab.tfrecord"]})
+    params = {"data": data_params(f"file://{tmp_path / 'mirror'}")}
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(fetch, "RetryPolicy", lambda: FAST)
+    stages.fetch_plan(params)
+    plan = json.loads(stages.SHARD_PLAN.read_text())
+    assert [e["name"] for e in plan["shards"]] == ["2/video/train/train0000.tfrecord", "2/video/train/train0001.tfrecord"]
+    for entry in plan["shards"]:
+        stages.fetch_shard(params, entry["name"])
+    records = [json.loads(stages.shard_record(e["name"]).read_text()) for e in plan["shards"]]
+    copied = []
+    real_copy = fetch._copy_to_part
+    monkeypatch.setattr(fetch, "_copy_to_part", lambda ctx, shard, *a: copied.append(shard) or real_copy(ctx, shard, *a))
+    stages.fetch(params)
+    assert copied == [] and json.loads(stages.SHARD_PLAN.read_text()) == plan
+    assert [json.loads(stages.shard_record(e["name"]).read_text()) for e in plan["shards"]] == records
+    assert json.loads(stages.MANIFEST.read_text())["files"] == records
+    assert stages.forget_stale_plan(params) is False and stages.SHARD_PLAN.exists()
+    other = {"data": params["data"] | {"shards": {"train": 1}}}
+    with pytest.raises(FetchError, match="made from other data params"):
+        stages.fetch_shard(other, plan["shards"][0]["name"])
+    assert stages.forget_stale_plan(other) is True and not stages.SHARD_PLAN.exists()
+    with pytest.raises(ValueError, match="invalid shard name"):
+        stages.shard_record("../../params.yaml")
+
+
 # ---------------------------------------------------------------- http mirror
 
 def http_mirror(version: int = 2, level: str = "video", split: str = "train", count: int = 3,
@@ -381,6 +485,23 @@ def test_gcs_metadata_mismatch_fails(tmp_path, emulator, monkeypatch, lie):
     with pytest.raises(FetchError, match=f"{lie} mismatch: expected 0+, got {actual} after 3 attempts"):
         fetch_quiet(data_params("gs://bucket"), tmp_path)
     assert not list((tmp_path / "dest").rglob("*.tfrecord*"))
+
+
+def test_gcs_plan_carries_the_listing_and_one_shard_is_checked_against_it(tmp_path, emulator):
+    from gcsfs.core import GCSFileSystem
+
+    uploader = GCSFileSystem(token="anon", skip_instance_cache=True)
+    uploader.mkdir("bucket")
+    data = shard_bytes("gcs/plan", 20_000)
+    uploader.pipe_file("bucket/2/frame/train/trainab.tfrecord", data)
+    params = data_params("gs://bucket", levels=["frame"])
+    (entry,) = plan_dataset(params, retry=FAST)["shards"]
+    assert entry["name"] == "2/frame/train/train0001.tfrecord" and entry["remote"] == "trainab.tfrecord"
+    assert entry["expected"]["md5"] == hashlib.md5(data).hexdigest() and entry["expected"]["size"] == len(data)
+    assert len(entry["expected"]["crc32c"]) == 8 and entry["expected"]["generation"]
+    record = fetch_one_shard(params, entry, tmp_path / "dest", retry=FAST)
+    assert record["remote"] == "gs://bucket/2/frame/train/trainab.tfrecord" and record["bytes"] == len(data)
+    assert (tmp_path / "dest" / entry["name"]).read_bytes() == data
 
 
 # ---------------------------------------------------------------- real shards (read-only, never copied into the repo)

@@ -75,13 +75,13 @@ def parse_resources(text: str) -> dict[str, str]:
 
 
 def dry_run_jobs(out: str) -> dict[str, dict[str, str]]:
-    """rule[@model] -> the resources Snakemake lists for that job in `snakemake -n`."""
+    """rule[@model or @shard] -> the resources Snakemake lists for that job in `snakemake -n`."""
     jobs = {}
-    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?rule )", out):
-        rule = re.search(r"^(?:local)?rule (\w+):$", block, re.M)
+    for block in re.split(r"\n(?=\[[^\]]+\]\n(?:local)?(?:rule|checkpoint) )", out):
+        rule = re.search(r"^(?:local)?(?:rule|checkpoint) (\w+):$", block, re.M)
         if not rule or rule.group(1) == "all":
             continue
-        wildcards = re.search(r"^\s+wildcards: model=(\w+)$", block, re.M)
+        wildcards = re.search(r"^\s+wildcards: (?:model|shard)=(\S+)$", block, re.M)
         resources = re.search(r"^\s+resources: (.*)$", block, re.M)
         name = rule.group(1) + (f"@{wildcards.group(1)}" if wildcards else "")
         jobs[name] = parse_resources(resources.group(1) if resources else "")
@@ -89,8 +89,12 @@ def dry_run_jobs(out: str) -> dict[str, dict[str, str]]:
 
 
 def expected_jobs() -> set[str]:
-    return {s for s in STAGES if s not in ("train", "evaluate")} | {
-        f"{s}@{m}" for s in ("train", "evaluate") for m in MODELS}
+    """The whole DAG (dvc.yaml's stages) before the shards are planned: the fan-out is known
+    once the checkpoint fetch_plan ran."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(STAGES) <= set(stages)
+    return {"fetch_plan"} | {f"{name}@{m}" if "foreach" in stage else name
+                             for name, stage in stages.items() for m in (MODELS if "foreach" in stage else [None])}
 
 
 def dry_run(cwd, profile: str, *extra, env=None) -> dict[str, dict[str, str]]:
@@ -98,6 +102,24 @@ def dry_run(cwd, profile: str, *extra, env=None) -> dict[str, dict[str, str]]:
     assert f"workflow specific profile workflow/profiles/{profile}" in out
     jobs = dry_run_jobs(out)
     assert set(jobs) == expected_jobs(), sorted(jobs)
+    return jobs
+
+
+# The planned workspace selects train shard 1 of the 2 generated, and all of validate and test.
+SELECTED_SHARDS = [f"2/{level}/{name}" for level in ("video", "frame")
+                   for name in ("train/train0001.tfrecord", "validate/validate0000.tfrecord", "test/test0000.tfrecord")]
+
+
+def fanout_dry_run(cwd, profile: str, env=None) -> dict[str, dict[str, str]]:
+    """The dry run once the shards are planned: every job from the fan-out on (forced), one
+    fetch_shard job per selected shard, then the gathering fetch and the rest of the DAG."""
+    out = run(["snakemake", "-n", "--workflow-profile", f"workflow/profiles/{profile}", "--forcerun", "fetch_shard"],
+              cwd, env)
+    assert f"workflow specific profile workflow/profiles/{profile}" in out
+    jobs = dry_run_jobs(out)
+    shards = {f"fetch_shard@{name}" for name in SELECTED_SHARDS}
+    assert set(jobs) == (expected_jobs() - {"generate", "fetch_plan"}) | shards, sorted(jobs)
+    assert set(re.findall(r"^fetch_shard\s+(\d+)$", out, re.M)) == {str(len(SELECTED_SHARDS))}  # job stats
     return jobs
 
 
@@ -118,6 +140,43 @@ def workspace(tmp_path_factory):
     git_commit(root, "copy")
     run(["snakemake", "-n", "--workflow-profile", "workflow/profiles/default"], root)  # writes results/params/*.json
     return root
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory):
+    """A copy of the repository with a small generated dataset whose shards are planned
+    (generate and the checkpoint fetch_plan run for real), selecting SELECTED_SHARDS."""
+    root = tmp_path_factory.mktemp("planned")
+    copy_repo(root)
+    params = tiny_params()
+    params["generate"]["splits"] = {"train": [2, 4], "validate": [1, 4], "test": [1, 4]}
+    params["data"]["shards"] = {"train": [1], "validate": "all", "test": "all"}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], root)
+    git_commit(root, "planned")
+    run(["snakemake", "--cores", "1", "--workflow-profile", "workflow/profiles/default", "resources/store/plan.json"],
+        root)
+    plan = json.loads((root / "resources/store/plan.json").read_text())
+    assert [entry["name"] for entry in plan["shards"]] == SELECTED_SHARDS
+    return root
+
+
+@contextlib.contextmanager
+def planned_bucket(planned: Path):
+    """gcs_bucket for the planned workspace, holding also the mirror's time stamp and the
+    plan, uploaded after the inputs they were made from (the bucket's times are upload times)."""
+    with gcs_bucket(planned) as (env, bucket):
+        for name in ("resources/generated/.snakemake_timestamp", "resources/store/plan.json"):
+            time.sleep(1.1)
+            bucket.blob(f"qrnn/{name}").upload_from_filename(str(planned / name))
+        yield env, bucket
+
+
+def check_fanout_resources(jobs: dict[str, dict[str, str]], expected: dict[str, str]) -> None:
+    for name in SELECTED_SHARDS:
+        resources = jobs[f"fetch_shard@{name}"]
+        for key, value in expected.items():
+            assert resources.get(key) == value, (name, key, resources)
 
 
 @contextlib.contextmanager
@@ -191,27 +250,56 @@ def check_cluster_resources(jobs: dict[str, dict[str, str]], train: dict[str, st
             assert all(resources.get(key) != value for key, value in train.items() if "machine_type" in key), name
 
 
-def test_slurm_profile_dry_run(workspace):
+def test_default_profile_dry_run_fans_out_the_fetch(planned):
+    jobs = fanout_dry_run(planned, "default", env=tool_env() | {"CUDA_VISIBLE_DEVICES": ""})
+    assert all("gpu" not in jobs[f"fetch_shard@{name}"] for name in SELECTED_SHARDS)
+
+
+def test_slurm_profile_dry_run(workspace, planned):
     need_plugins("slurm")
     jobs = dry_run(workspace, "slurm")
     check_cluster_resources(jobs, {"gpu": "1", "gpu_model": "a100"})
     assert jobs["train@qrnn"]["runtime"] == "2880" and jobs["fetch"]["runtime"] == "1440"
+    assert jobs["fetch_plan"]["runtime"] == "30"
+    jobs = fanout_dry_run(planned, "slurm")
+    check_cluster_resources(jobs, {"gpu": "1", "gpu_model": "a100"})
+    check_fanout_resources(jobs, {"mem_mb": "1000", "runtime": "60"})
 
 
-def test_kubernetes_profile_dry_run(workspace):
+def test_kubernetes_profile_dry_run(workspace, planned):
     need_plugins("kubernetes")
     with gcs_bucket(workspace) as (env, _):
         jobs = dry_run(workspace, "kubernetes", env=env)
     check_cluster_resources(jobs, {"gpu": "1", "gpu_manufacturer": "nvidia", "machine_type": "a2-highgpu-1g"})
+    with planned_bucket(planned) as (env, _):
+        jobs = fanout_dry_run(planned, "kubernetes", env=env)
+    check_cluster_resources(jobs, {"gpu": "1", "gpu_manufacturer": "nvidia", "machine_type": "a2-highgpu-1g"})
+    check_fanout_resources(jobs, {"mem_mb": "1000", "runtime": "60", "disk_mb": "4000"})
 
 
-def test_googlebatch_profile_dry_run(workspace):
+def test_googlebatch_profile_dry_run(workspace, planned):
     need_plugins("googlebatch")
     with gcs_bucket(workspace) as (env, _):
         jobs = dry_run(workspace, "googlebatch", env=env)
     check_cluster_resources(jobs, {"gpu": "1", "nvidia_gpu": "nvidia-tesla-a100",
                                    "googlebatch_machine_type": "a2-highgpu-1g"})
     assert jobs["train@qrnn"]["googlebatch_max_run_duration"] == "172800s"
+    with planned_bucket(planned) as (env, _):
+        jobs = fanout_dry_run(planned, "googlebatch", env=env)
+    check_cluster_resources(jobs, {"gpu": "1", "nvidia_gpu": "nvidia-tesla-a100",
+                                   "googlebatch_machine_type": "a2-highgpu-1g"})
+    check_fanout_resources(jobs, {"mem_mb": "1000", "runtime": "60", "googlebatch_machine_type": "e2-standard-2",
+                                  "googlebatch_memory": "1000", "googlebatch_max_run_duration": "3600s"})
+
+
+@pytest.mark.parametrize("profile", ["slurm", "kubernetes", "googlebatch"])
+def test_cluster_profiles_give_fetch_shard_its_own_retries(profile, monkeypatch):
+    """Snakemake's own reading of the profile: fetch_shard, and only it, is retried 5 times."""
+    need_plugins(profile)
+    monkeypatch.setenv("YT8M_STORAGE_PREFIX", PREFIX)
+    args = profile_args(profile)
+    assert args["preemptible-rules"] == ["fetch_shard"] and str(args["preemptible-retries"]) == "5"
+    assert str(args["retries"]) == "2"  # every other rule
 
 
 def test_storage_profiles_name_the_missing_bucket(workspace):
@@ -227,10 +315,20 @@ def test_storage_profiles_name_the_missing_bucket(workspace):
 
 @pytest.fixture
 def upstream_done(workspace):
-    """generate, fetch and index outputs in place (empty, times in pipeline order), so the
-    four train jobs are the ones to submit; removed afterwards."""
+    """generate, fetch (its plan, one shard's record) and index outputs in place (empty but
+    the plan, times in pipeline order), so the four train jobs are the ones to submit;
+    removed afterwards."""
+    from yt8m_qrnn.config import load_params
+    from yt8m_qrnn.stages import data_params_digest
+
     made = []
-    groups = [["resources/generated/.snakemake_timestamp"],
+    shard = "2/video/train/train0000.tfrecord"
+    digest = data_params_digest(load_params(workspace / "params.yaml"))  # a plan of these params: not stale
+    plan = {"version": 2, "source": "generated (resources/generated)", "params_digest": digest, "shards": [
+        {"name": shard, "level": "video", "split": "train", "remote": "train0000.tfrecord",
+         "expected": {"md5": "0" * 32, "crc32c": None, "size": None, "generation": None}}]}
+    groups = [["resources/generated/.snakemake_timestamp"], ["resources/store/plan.json"],
+              [f"resources/store/records/{shard}.json"],
               ["resources/yt8m/.snakemake_timestamp", "results/data/manifest.json"],
               ["results/index/index.parquet", "results/index/label_stats.json"]]
     when = time.time() + 5
@@ -238,13 +336,13 @@ def upstream_done(workspace):
         for name in group:
             path = workspace / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"")
+            path.write_text(json.dumps(plan) if name.endswith("plan.json") else "")
             for p in (path, path.parent):
                 os.utime(p, (when + step, when + step))
             made.append(path)
     yield [name for group in groups for name in group]
     for path in made:
-        path.unlink()
+        path.unlink(missing_ok=True)
     shutil.rmtree(workspace / "resources", ignore_errors=True)
     shutil.rmtree(workspace / ".snakemake", ignore_errors=True)
 
@@ -346,7 +444,7 @@ def record_requests(workspace, tmp_path, profile: str, recorder: str, upstream: 
     with gcs_bucket(workspace) as (env, bucket):
         for name in upstream:  # in pipeline order; the bucket's times follow the uploads
             time.sleep(1.1)
-            bucket.blob(f"qrnn/{name}").upload_from_string(b"")
+            bucket.blob(f"qrnn/{name}").upload_from_filename(str(workspace / name))
         out = run([sys.executable, str(script), str(record), "--workflow-profile", f"workflow/profiles/{profile}"],
                   workspace, env, check=False, timeout=300)
     assert "recorded by the test, not submitted" in out, out[-3000:]

@@ -27,6 +27,11 @@ valid sidecar and the listed size count. The manifest is output only, never cons
 ``.part`` files from earlier runs are deleted; within a run a network failure resumes
 the ``.part`` (ranged reads), a hash mismatch restarts it. Shards no longer selected
 are left in place: readers should follow the manifest, not a glob.
+
+Fanning out (one job per shard, e.g. Snakemake on a cluster): ``plan_dataset`` resolves
+the selection without downloading anything; ``fetch_one_shard`` makes one planned shard
+present and verified (the same code path as ``fetch_dataset``, shard by shard);
+``fetch_planned`` is ``fetch_dataset`` over a given plan.
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ import sys
 import threading
 import time
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Iterable
@@ -700,7 +705,7 @@ def _run_all(work: Callable, items: list, workers: int) -> list:
         return [future.result() for future in futures]
 
 
-# ---------------------------------------------------------------- entry point
+# ---------------------------------------------------------------- entry points
 
 def fetch_dataset(data_params: dict, dest: Path, manifest_path: Path, *, progress: bool = True,
                   retry: RetryPolicy | None = None, workers: int = 4,
@@ -709,11 +714,82 @@ def fetch_dataset(data_params: dict, dest: Path, manifest_path: Path, *, progres
 
     `data_params` is the ``data`` section of params.yaml with ``source`` already a URL.
     """
-    dest = Path(dest)
-    policy = retry or RetryPolicy()
-    version = int(data_params["version"])
-    ctx = _Context(_Source(data_params["source"], policy), dest, version, policy, sleep)
+    ctx = _make_context(data_params, dest, retry, sleep)
+    return _fetch_shards(ctx, _plan_shards(ctx, data_params), manifest_path, progress, workers)
+
+
+def plan_dataset(data_params: dict, *, retry: RetryPolicy | None = None,
+                 sleep: Callable[[float], None] = time.sleep) -> dict:
+    """The shards `data_params` selects, resolved from the source's plans or listings; nothing is downloaded.
+
+    The same resolution as fetch_dataset (and the same errors): ``{"version", "source",
+    "shards": [entry, ...]}``, the shards in the order fetch_dataset fetches them, each
+    entry ``{"name": "{version}/{level}/{split}/{local name}", "level", "split", "remote"
+    (the remote file name), "expected": {"md5", "crc32c", "size", "generation"}}`` (None
+    where the source does not say). No URL is stored, so nothing secret is either:
+    fetch_one_shard rebuilds it from the params. Deterministic for an unchanged source.
+    """
+    ctx = _make_context(data_params, Path("."), retry, sleep)
     shards = _plan_shards(ctx, data_params)
+    return {"version": ctx.version, "source": redact_url(ctx.source.source),
+            "shards": [{"name": _shard_name(ctx, shard), "level": shard.level, "split": shard.split,
+                        "remote": shard.remote_name, "expected": asdict(shard.expected)} for shard in shards]}
+
+
+def fetch_planned(data_params: dict, plan: dict, dest: Path, manifest_path: Path, *, progress: bool = True,
+                  retry: RetryPolicy | None = None, workers: int = 4,
+                  sleep: Callable[[float], None] = time.sleep) -> dict:
+    """fetch_dataset for the shards of `plan` (plan_dataset's answer) instead of a fresh resolution."""
+    ctx = _make_context(data_params, dest, retry, sleep)
+    return _fetch_shards(ctx, [_planned_shard(ctx, data_params, entry) for entry in plan["shards"]],
+                         manifest_path, progress, workers)
+
+
+def fetch_one_shard(data_params: dict, entry: dict, dest: Path, *, retry: RetryPolicy | None = None,
+                    sleep: Callable[[float], None] = time.sleep) -> dict:
+    """Make one planned shard (an entry of plan_dataset) present and verified under dest; its manifest entry.
+
+    fetch_dataset's path for a single shard: a shard already verified is skipped without
+    a download, otherwise it is downloaded to ``.part`` with retries, checked against the
+    plan's hashes and renamed. Writes no manifest.
+    """
+    ctx = _make_context(data_params, dest, retry, sleep)
+    shard = _planned_shard(ctx, data_params, entry)
+    record = _verified_local(ctx, shard)
+    if record is None:
+        record = _download(ctx, shard)
+    return _manifest_entry(ctx, shard, record)
+
+
+def _make_context(data_params: dict, dest: Path, retry: RetryPolicy | None, sleep: Callable[[float], None]) -> _Context:
+    policy = retry or RetryPolicy()
+    return _Context(_Source(data_params["source"], policy), Path(dest), int(data_params["version"]), policy, sleep)
+
+
+def _shard_name(ctx: _Context, shard: Shard) -> str:
+    return f"{ctx.version}/{shard.level}/{shard.split}/{shard.local_name}"
+
+
+def _planned_shard(ctx: _Context, data_params: dict, entry: dict) -> Shard:
+    """The Shard a plan entry describes, its URL rebuilt from the params; a plan that does not fit them is an error."""
+    try:
+        level, split, remote, name = entry["level"], entry["split"], entry["remote"], entry["name"]
+        expected = Expected(**entry["expected"])
+    except (KeyError, TypeError) as err:
+        raise FetchError(f"malformed shard plan entry {entry!r} ({_reason(err)})") from None
+    if not (isinstance(level, str) and isinstance(split, str) and _FOLDER_PART.match(level) and _FOLDER_PART.match(split)):
+        raise FetchError(f"invalid level/split {level!r}/{split!r} in the shard plan")
+    check_remote_name(remote)
+    folder = shard_folder_url(ctx.source.source, ctx.version, level, split, data_params.get("region", "us"))
+    shard = Shard(level, split, remote, remote_to_local_name(remote, split), f"{folder}/{remote}", expected)
+    if _shard_name(ctx, shard) != name:
+        raise FetchError(f"shard plan entry {name!r} does not fit the params (remote {remote!r}, "
+                         f"data.version {ctx.version}): plan again")
+    return shard
+
+
+def _fetch_shards(ctx: _Context, shards: list[Shard], manifest_path: Path, progress: bool, workers: int) -> dict:
+    """Verify or download every shard (`workers` at a time), then write the manifest."""
     records = _run_all(lambda shard: _verified_local(ctx, shard), shards, workers)
     todo = [i for i, record in enumerate(records) if record is None]
     ctx.progress = _Progress(progress, [shards[i].expected.size for i in todo])
@@ -729,7 +805,7 @@ def fetch_dataset(data_params: dict, dest: Path, manifest_path: Path, *, progres
     finally:
         ctx.progress.close()
     entries = [_manifest_entry(ctx, shard, record) for shard, record in zip(shards, records)]
-    manifest = {"source": redact_url(ctx.source.source), "version": version,
+    manifest = {"source": redact_url(ctx.source.source), "version": ctx.version,
                 "files": sorted(entries, key=lambda entry: entry["name"])}
     _write_json_atomic(Path(manifest_path), manifest)
     return manifest

@@ -8,6 +8,7 @@ used by cli.run_stage to lock them and to remove a failed stage's outputs.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -15,7 +16,7 @@ import shutil
 from pathlib import Path
 
 from .config import NUM_CLASSES, stage_params
-from .io import write_json
+from .io import config_digest, write_json
 
 log = logging.getLogger("yt8m_qrnn")
 
@@ -30,6 +31,13 @@ TRAIN_WORK = Path("resources/work/train")
 # that. The fetch stage publishes the selected ones into DATA_ROOT as hard links.
 SHARD_STORE = Path("resources/store/yt8m")
 STORE_MANIFEST = Path("resources/store/manifest.json")
+# Snakemake fans the fetch out (workflow/rules/data.smk): the checkpoint fetch_plan writes
+# the shard selection (SHARD_PLAN), one fetch_shard job per shard verifies or downloads
+# it into the store and writes its record (its manifest entry); the fetch rule gathers.
+# DVC's single fetch stage writes the same files, so Snakemake finds them up to date.
+SHARD_PLAN = Path("resources/store/plan.json")
+SHARD_RECORDS = Path("resources/store/records")
+_SHARD_NAME = re.compile(r"\d+/[a-z_]+/[a-z_]+/[a-z_]+\d{4}\.tfrecord")
 LOCK_DIR = Path("resources/locks")
 REPORT = Path("results/report.md")
 FIGURES = Path("results/figures")
@@ -56,18 +64,114 @@ def generate(params: dict) -> None:
 
 
 def fetch(params: dict) -> None:
-    from .fetch import fetch_dataset
+    """Plan, verify or download every selected shard, record each, publish: everything, in one process.
 
-    data = stage_params(params, "fetch")["data"]
-    generated = data["source"] == "generated"
-    if generated:
-        data = data | {"source": "file://" + str(GENERATED_MIRROR.resolve())}
-    manifest = fetch_dataset(data, SHARD_STORE, STORE_MANIFEST)
+    The plan and the records are rewritten (or, unchanged, touched) before the outputs, so
+    Snakemake's fetch_plan and fetch_shard jobs are up to date after a run of this stage.
+    """
+    from .fetch import fetch_planned
+
+    data, generated = _fetch_data(params)
+    plan = _plan(params, data, generated)
+    _refresh_json(SHARD_PLAN, plan)
+    manifest = fetch_planned(data, plan, SHARD_STORE, STORE_MANIFEST)
+    for entry in manifest["files"]:
+        _refresh_json(shard_record(entry["name"]), entry)
     if generated:  # the report shows a banner: not comparable with the paper
         manifest = manifest | {"dataset": "generated", "source": f"generated ({GENERATED_MIRROR})"}
     publish_shards(manifest, SHARD_STORE, DATA_ROOT)
     write_json(MANIFEST, manifest)  # last: a manifest means its shards are in place
     log.info("fetched %d shards into %s", len(manifest["files"]), DATA_ROOT)
+
+
+def fetch_plan(params: dict) -> None:
+    """Snakemake's checkpoint: which shards the params select (SHARD_PLAN); nothing is downloaded."""
+    data, generated = _fetch_data(params)
+    plan = _plan(params, data, generated)
+    _refresh_json(SHARD_PLAN, plan)
+    log.info("planned %d shards in %s", len(plan["shards"]), SHARD_PLAN)
+
+
+def fetch_shard(params: dict, name: str) -> None:
+    """Snakemake's fan-out: verify or download the planned shard `name` into the store; write its record."""
+    from .fetch import FetchError, fetch_one_shard
+
+    record_path = shard_record(name)
+    data, _ = _fetch_data(params)
+    try:
+        plan = json.loads(SHARD_PLAN.read_text())
+    except FileNotFoundError:
+        raise FetchError(f"{SHARD_PLAN}: not found: plan the shards first (snakemake fetch_plan)") from None
+    except ValueError as err:
+        raise FetchError(f"{SHARD_PLAN}: not valid JSON ({err}): plan the shards again") from None
+    if plan.get("params_digest") != data_params_digest(params):
+        raise FetchError(f"{SHARD_PLAN} was made from other data params: plan the shards again")
+    entry = next((e for e in plan.get("shards", []) if e.get("name") == name), None)
+    if entry is None:
+        raise FetchError(f"{name} is not among the {len(plan.get('shards', []))} shards of {SHARD_PLAN}")
+    write_json(record_path, fetch_one_shard(data, entry, SHARD_STORE))
+    log.info("%s verified in %s", name, SHARD_STORE)
+
+
+def shard_record(name: str) -> Path:
+    """Where fetch_shard records shard `name` ("2/frame/train/train0000.tfrecord")."""
+    if not _SHARD_NAME.fullmatch(name):
+        raise ValueError(f"invalid shard name {name!r} (expected VERSION/LEVEL/SPLIT/SPLITNNNN.tfrecord)")
+    return SHARD_RECORDS / f"{name}.json"
+
+
+def _fetch_data(params: dict) -> tuple[dict, bool]:
+    """The data params with ``generated`` as the file:// URL of the generated mirror; whether it was."""
+    data = stage_params(params, "fetch")["data"]
+    generated = data["source"] == "generated"
+    if generated:
+        data = data | {"source": "file://" + str(GENERATED_MIRROR.resolve())}
+    return data, generated
+
+
+def _plan(params: dict, data: dict, generated: bool) -> dict:
+    """plan_dataset's plan, stamped with the digest of the data params it was made from."""
+    from .fetch import plan_dataset
+
+    plan = plan_dataset(data) | {"params_digest": data_params_digest(params)}
+    return plan | {"source": f"generated ({GENERATED_MIRROR})"} if generated else plan
+
+
+def data_params_digest(params: dict) -> str:
+    """A digest of the fetch stage's params (no URL in the clear: a source may carry a password)."""
+    return config_digest(stage_params(params, "fetch"))
+
+
+def forget_stale_plan(params: dict) -> bool:
+    """Remove SHARD_PLAN when it was made from other data params, or is unreadable; whether it was.
+
+    For Snakemake, when it starts: the checkpoint fetch_plan takes its inputs as ancient
+    (times alone, e.g. after restore_mtimes.py, must not rerun the fetch), so a plan
+    that no longer fits the params is removed, and the checkpoint makes it again.
+    """
+    try:
+        plan = json.loads(SHARD_PLAN.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError):
+        plan = {}
+    if isinstance(plan, dict) and plan.get("params_digest") == data_params_digest(params):
+        return False
+    SHARD_PLAN.unlink(missing_ok=True)
+    return True
+
+
+def _refresh_json(path: Path, payload: dict) -> None:
+    """Write `payload` to `path`, or only touch it when it already holds exactly that: its
+    time then says it is newer than the stage's inputs, for Snakemake."""
+    try:
+        same = json.loads(path.read_text()) == payload
+    except (OSError, ValueError):
+        same = False
+    if same:
+        os.utime(path)
+    else:
+        write_json(path, payload)
 
 
 def publish_shards(manifest: dict, store: Path, dest: Path) -> None:
@@ -151,6 +255,10 @@ def outputs(stage: str, model: str | None = None) -> list[Path]:
         return [GENERATED_MIRROR]
     if stage == "fetch":
         return [DATA_ROOT, MANIFEST]
+    if stage == "fetch_plan":
+        return [SHARD_PLAN]
+    if stage == "fetch_shard":  # `model` is the shard's name
+        return [shard_record(model)]
     if stage == "index":
         return [INDEX, LABEL_STATS]
     if stage == "train":
@@ -170,13 +278,20 @@ def locks(stage: str, model: str | None, params: dict) -> tuple[list[str], list[
     """(resources read, resources written) by the stage, as lock names.
 
     generated: resources/generated; data: the shard store, resources/yt8m and the
-    manifest; index: results/index; model-M: results/models/M and its checkpoints;
+    manifest; shard-VERSION-LEVEL-SPLIT-NAME: one shard in the store and its record
+    (fetch_shard, holding data shared: shards are fetched side by side, never beside the
+    fetch stage); index: results/index; model-M: results/models/M and its checkpoints;
     eval-M: results/eval/M; report: the report, its figures and tables.
     """
     if stage == "generate":
         return [], ["generated"]
     if stage == "fetch":
         return ["generated"], ["data"]
+    if stage == "fetch_plan":
+        return ["generated"], ["data"]
+    if stage == "fetch_shard":  # `model` is the shard's name
+        shard_record(model)  # a valid name
+        return ["generated", "data"], [f"shard-{model.replace('/', '-')}"]
     if stage == "index":
         return ["data"], ["index"]
     if stage == "train":

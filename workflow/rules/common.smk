@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -6,6 +7,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from yt8m_qrnn.config import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
+from yt8m_qrnn.stages import SHARD_PLAN, SHARD_RECORDS, data_params_digest, forget_stale_plan, shard_record  # noqa: E402
 
 try:
     validate_params(config, source="params.yaml")
@@ -30,6 +32,28 @@ for stage in ("generate", "fetch", "index", "report"):
 for model in MODELS:
     for stage in ("train", "evaluate"):
         sync_params_stamp(config, stage, model)
+# The shard plan of other data params is dropped, so the checkpoint fetch_plan makes it again.
+forget_stale_plan(config)
+
+
+# The fetch's fan-out (workflow/rules/data.smk): the shards in the checkpoint fetch_plan's plan.
+_PLANS = {}
+
+
+def read_shard_plan():
+    """The names of the planned shards, from the checkpoint fetch_plan's output (parsed once per content)."""
+    plan = checkpoints.fetch_plan.get().output.plan
+    with plan.open() as handle:  # from the storage provider too, when there is one
+        text = handle.read()
+    if text not in _PLANS:
+        _PLANS.clear()
+        _PLANS[text] = [entry["name"] for entry in json.loads(text)["shards"]]
+    return _PLANS[text]
+
+
+def shard_records(wildcards):
+    """What the gathering fetch job takes: one fetch_shard record per planned shard."""
+    return [str(shard_record(name)) for name in read_shard_plan()]
 
 
 def commit_dvc_lock():

@@ -15,10 +15,65 @@ rule generate:
         "python {input.script} > {log} 2>&1"
 
 
+# The fetch fans out, one job per shard, so that a cluster downloads the shards in parallel:
+#   fetch_plan (a checkpoint)  which shards the params select -> resources/store/plan.json
+#   fetch_shard (one a shard)  verifies or downloads one into the shard store -> its record
+#   fetch                      gathers: checks every shard against the source again (a verified
+#                              one by its sidecar, no download), publishes resources/yt8m and
+#                              the manifest
+# DVC runs all of it as its one fetch stage (workflow/scripts/fetch.py), which writes the plan
+# and the records too. The shards live in the store (resources/store/yt8m), outside every
+# declared output, so no rerun deletes them; a shard job whose shard is verified downloads nothing.
+#
+# The plan and the records are bookkeeping: what decides whether the data is up to date is
+# the fetch rule's own inputs, as in dvc.yaml. So the helpers take the params stamp and the
+# mirror as ancient (their times, e.g. after restore_mtimes.py, rerun nothing); a plan made
+# from other data params is removed when Snakemake starts (stages.forget_stale_plan), and
+# the checkpoint makes it again. Missing records (a workspace filled by `dvc pull`) are made
+# only when the fetch job has to run.
+checkpoint fetch_plan:
+    input:
+        params=ancient("results/params/fetch.json"),
+        mirror=ancient("resources/generated"),
+        code=f"{PY}/fetch.py",
+    output:
+        plan=str(SHARD_PLAN),
+    params:
+        digest=data_params_digest(config),  # also recorded in the plan
+    log:
+        "logs/fetch_plan.log",
+    benchmark:
+        benchmark_path("fetch_plan")
+    conda:
+        CONDA_ENV
+    shell:
+        f"python {SCRIPTS}/fetch_shard.py --plan > {{log}} 2>&1"
+
+
+rule fetch_shard:
+    input:
+        plan=ancient(str(SHARD_PLAN)),  # a new plan (one more shard) reruns no fetched shard
+        mirror=ancient("resources/generated"),
+        code=f"{PY}/fetch.py",
+    output:
+        record=f"{SHARD_RECORDS}/{{shard}}.json",  # stages.shard_record
+    wildcard_constraints:
+        shard=r"\d+/[a-z_]+/[a-z_]+/[a-z_]+\d{4}\.tfrecord",
+    log:
+        "logs/fetch_shard/{shard}.log",
+    benchmark:
+        "logs/benchmark/fetch_shard/{shard}.tsv"
+    conda:
+        CONDA_ENV
+    shell:
+        f"python {SCRIPTS}/fetch_shard.py --shard {{wildcards.shard}} > {{log}} 2>&1"
+
+
 rule fetch:
     input:
         params="results/params/fetch.json",
         mirror="resources/generated",
+        records=shard_records,
         script=f"{SCRIPTS}/fetch.py",
         code=f"{PY}/fetch.py",
     output:

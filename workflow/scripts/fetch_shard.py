@@ -1,0 +1,49 @@
+"""Snakemake's fan-out of the fetch stage: see yt8m_qrnn.stages.fetch_plan and fetch_shard.
+
+    python workflow/scripts/fetch_shard.py --plan          # -> resources/store/plan.json
+    python workflow/scripts/fetch_shard.py --shard 2/frame/train/train0000.tfrecord
+                                                           # -> resources/store/records/<shard>.json
+
+DVC runs the fetch as one stage (workflow/scripts/fetch.py does the plan, every shard and
+the publishing); these two are only for a cluster that downloads shards in parallel.
+Like every stage: params checked first, locks (stages.locks), one-line errors, and a
+failed run leaves none of its outputs.
+"""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+from yt8m_qrnn import stages  # noqa: E402
+from yt8m_qrnn.cli import EXPECTED_ERRORS, fail  # noqa: E402
+from yt8m_qrnn.config import load_params  # noqa: E402
+from yt8m_qrnn.io import resource_locks, workspace_shared  # noqa: E402
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--plan", action="store_true", help="write the shard plan")
+    what.add_argument("--shard", metavar="NAME", help="verify or download one planned shard, e.g. 2/frame/train/train0000.tfrecord")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    stage, shard = ("fetch_plan", None) if args.plan else ("fetch_shard", args.shard)
+    try:
+        params = load_params(args.params)
+        reads, writes = stages.locks(stage, shard, params)  # also checks the shard's name
+        owner = f"stage {stage}" + (f"@{shard}" if shard else "")
+        with workspace_shared(stages.LOCK_DIR, owner), resource_locks(stages.LOCK_DIR, reads, writes, owner=owner):
+            try:
+                stages.fetch_plan(params) if args.plan else stages.fetch_shard(params, shard)
+            except BaseException:
+                for path in stages.remove_outputs(stage, shard):
+                    logging.getLogger("yt8m_qrnn").info("removed the output of the failed stage: %s", path)
+                raise
+    except EXPECTED_ERRORS as err:
+        fail(str(err))
+
+
+if __name__ == "__main__":
+    main()
