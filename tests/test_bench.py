@@ -136,6 +136,30 @@ def test_pooling_implementations_agree_with_float64(recurrence):
     np.testing.assert_allclose(states, expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("recurrence", list(LINEAR_RECURRENCES))
+def test_pooling_gradients_agree_with_float64(recurrence):
+    """The bench times forward + gradient: each implementation's gradient (the sequential scan's
+    is its adjoint scan, the others automatic) against the float64 adjoint."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(5)
+    a, b, w = rng.uniform(size=(2, 23, 3)), rng.normal(size=(2, 23, 3)), rng.normal(size=(2, 23, 3))
+    states = bench.reference_recurrence(a, b)
+    adjoint = np.zeros_like(b)
+    carried = np.zeros_like(b[:, 0])
+    for t in reversed(range(b.shape[1])):
+        carried = w[:, t] + (a[:, t + 1] * carried if t + 1 < b.shape[1] else 0.0)
+        adjoint[:, t] = carried
+    previous = np.concatenate([np.zeros_like(states[:, :1]), states[:, :-1]], axis=1)
+    a32, b32 = tf.constant(a, tf.float32), tf.constant(b, tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch([a32, b32])
+        loss = tf.reduce_sum(w.astype("float32") * LINEAR_RECURRENCES[recurrence](a32, b32))
+    grad_a, grad_b = tape.gradient(loss, [a32, b32])
+    np.testing.assert_allclose(grad_b, adjoint, atol=1e-4, rtol=1e-3)
+    np.testing.assert_allclose(grad_a, adjoint * previous, atol=1e-4, rtol=1e-3)  # logcumsum: float32 logs
+
+
 # ---------------------------------------------------------------- targets and the report, from fixtures
 
 def fixture_results(ratio=1.6, pooling_share=0.1, pipeline_share=0.7, shape="yt8m", device="CPU") -> dict:

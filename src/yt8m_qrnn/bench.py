@@ -17,8 +17,8 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   for a model of LSTMs on TensorFlow (jit_compile="auto"). The ratio LSTM / QRNN of a cell takes
   the faster LSTM of the two, so it is never flattered by a slow compilation of the LSTM.
 - pooling.json: at `bench.shape`, the QRNN layer step beside its parts, timed the same way in
-  one round: the convolution alone (the one matmul of [x_{t-1}, x_t] with the kernel, plus the
-  bias, and its gradient) and the pooling alone (c_t = f_t c_{t-1} + (1 - f_t) z_t with its
+  one round: the convolution alone (the layer's matmuls of x_{t-1} and x_t with the kernel, plus
+  the bias, and its gradient) and the pooling alone (c_t = f_t c_{t-1} + (1 - f_t) z_t with its
   gradient) on the layer's own gate tensors, for each implementation in
   qrnn.LINEAR_RECURRENCES, each checked against a float64 recurrence. Share of the layer step:
   pooling (the implementation the layer uses) / layer, convolution / layer.
@@ -358,7 +358,7 @@ def time_pooling(tf, shape: dict, warmup: int, repeats: int) -> dict:
     def convolution(inputs):
         with tf.GradientTape() as tape:
             tape.watch(inputs)
-            pre_activations = keras.ops.matmul(layer._windowed_inputs(inputs), layer.kernel) + layer.bias
+            pre_activations = layer._pre_activations(inputs)
             loss = tf.reduce_mean(tf.square(pre_activations))
         return tape.gradient(loss, [inputs, layer.kernel, layer.bias])
 

@@ -672,7 +672,7 @@ def bench_section(results: Path) -> list[str]:
             {"Step": "QRNN layer (fo, window 2)", "Median": duration(at["qrnn_s"]), "Of the QRNN layer step": "100%"},
             {"Step": "QRNN layer, again in the parts' round", "Median": duration(pooling["layer_s"]),
              "Of the QRNN layer step": "100% (the shares below)"},
-            {"Step": "convolution alone (one matmul of [x_{t-1}, x_t], with its gradient)",
+            {"Step": "convolution alone (the matmuls of x_{t-1}, x_t with the kernel, and their gradient)",
              "Median": duration(pooling["convolution_s"]),
              "Of the QRNN layer step": f"{100 * pooling['convolution_share']:.1f}%"},
         ]
