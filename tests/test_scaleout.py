@@ -36,7 +36,7 @@ from conftest import REPO, tool_env
 from test_pipeline import copy_repo, tiny_params
 
 PROFILES = REPO / "workflow" / "profiles"
-STAGES = ["generate", "fetch", "index", "train", "evaluate", "report"]
+STAGES = ["generate", "fetch", "index", "train", "evaluate", "bench", "report"]
 MODELS = yaml.safe_load((REPO / "params.yaml").read_text())["run_models"]
 BUCKET = "yt8m-scaleout-test"
 PREFIX = f"gs://{BUCKET}/qrnn"

@@ -22,8 +22,9 @@ rule bench:
         "logs/bench.log",
     benchmark:
         benchmark_path("bench")
-    # every core: no other job runs beside the timings
-    threads: workflow.cores
+    # every core of a local run: no other job runs beside the timings (a cluster run,
+    # without --cores, gives 1; `set-threads: bench=N` in its profile sizes the job)
+    threads: workflow.resource_settings.cores or 1
     conda:
         CONDA_ENV
     shell:
