@@ -756,9 +756,10 @@ def test_corrupt_shard_stops_the_dag_under_snakemake(tmp_path):
     shard.write_bytes(bytes(data))
     result = sh(["snakemake", "--cores", "1", "results/index/index.parquet"], root, check=False)
     out = result.stdout + result.stderr
-    assert result.returncode != 0 and "Error in rule fetch" in out
-    assert snakemake_ran(out) == ["fetch"]  # nothing downstream ran
-    line = error_line((root / "logs/fetch.log").read_text())
+    assert result.returncode != 0 and "Error in rule fetch_shard" in out
+    ran = snakemake_ran(out)  # the fetch fans out: one fetch_shard job per shard, then fetch gathers
+    assert "fetch_shard" in ran and set(ran) <= {"fetch_plan", "fetch_shard"}  # nothing downstream ran
+    line = error_line((root / "logs/fetch_shard/2/video/train/train0000.tfrecord.log").read_text())
     assert line.startswith("error: 2/video/train/train0000.tfrecord (remote train0000.tfrecord): md5 mismatch: ")
     assert not (root / "results/data/manifest.json").exists() and not (root / "resources/yt8m").exists()
     assert not (root / "results/index").exists() or files_under(root / "results/index") == []

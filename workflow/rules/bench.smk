@@ -24,7 +24,7 @@ rule bench:
         benchmark_path("bench")
     # every core of a local run: no other job runs beside the timings (a cluster run,
     # without --cores, gives 1; `set-threads: bench=N` in its profile sizes the job)
-    threads: workflow.resource_settings.cores or 1
+    threads: lambda wildcards: workflow.resource_settings.cores or 1
     conda:
         CONDA_ENV
     shell:
