@@ -336,3 +336,147 @@ def test_unknown_strategy_and_precision_are_errors(tiny, tmp_path):
         run_training(tiny, tmp_path, train_cfg=TRAIN | {"distribute": "tpu"})
     with pytest.raises(ValueError, match="train.precision"):
         run_training(tiny, tmp_path, train_cfg=TRAIN | {"precision": "float8"})
+
+
+# ---------------------------------------------------------------- several workers (MultiWorkerMirroredStrategy)
+
+MULTI_WORKER_CHILD = textwrap.dedent("""
+    import json, logging, sys, time
+    from pathlib import Path
+    import yt8m_qrnn.cli, yt8m_qrnn.stages  # what workflow/scripts/train.py imports before training
+    logging.basicConfig(level=logging.INFO)
+    import yt8m_qrnn.train as train
+    args = json.loads(sys.argv[1])
+    if args["sleep"]:
+        original = train.StepLogger.on_train_batch_end
+        def slow(self, batch, logs=None):  # slow enough to be stopped mid-run
+            time.sleep(args["sleep"])
+            original(self, batch, logs)
+        train.StepLogger.on_train_batch_end = slow
+    stats = train.train_model("m", args["model"], args["train"], version=2, num_classes=3862,
+                              data_root=Path(args["data_root"]), index_path=Path(args["index_path"]),
+                              out_dir=Path(args["out"]) / "out", work_dir=Path(args["out"]) / "work")
+    print("STATS", json.dumps(stats))
+""")
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def start_workers(tiny, out: Path, model_cfg, train_cfg, tmpdir: Path, sleep: float = 0.0,
+                  workers: int = 2) -> list[subprocess.Popen]:
+    """`workers` processes on this machine, one CPU replica each, sharing `out` (one workspace)."""
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(workers)]}
+    tmpdir.mkdir(parents=True, exist_ok=True)
+    args = {"model": model_cfg, "train": train_cfg | {"distribute": "multi_worker"},
+            "data_root": str(tiny["data_root"]), "index_path": str(tiny["index_path"]), "out": str(out),
+            "sleep": sleep}
+    procs = []
+    for i in range(workers):
+        env = tool_env() | {"CUDA_VISIBLE_DEVICES": "", "TMPDIR": str(tmpdir),
+                            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})}
+        log_file = open(out.parent / f"{out.name}-worker{i}.log", "w")
+        procs.append(subprocess.Popen([sys.executable, "-c", MULTI_WORKER_CHILD, json.dumps(args)], env=env,
+                                      cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, text=True))
+        log_file.close()
+    return procs
+
+
+def wait_workers(procs, out: Path, timeout: float = 480.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(max(deadline - time.monotonic(), 1))
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    return [(out.parent / f"{out.name}-worker{i}.log").read_text() for i in range(len(procs))]
+
+
+def worker_stats(output: str) -> dict:
+    return json.loads(next(line for line in output.splitlines() if line.startswith("STATS "))[len("STATS "):])
+
+
+MULTI_WORKER_MODEL = QRNN | {"layers": 1, "batch_size": 8}
+
+
+@pytest.mark.slow
+def test_multi_worker_matches_one_process_and_only_the_chief_writes(tiny, tmp_path):
+    """Two workers (TF_CONFIG, 127.0.0.1) of batch 8 = one process with batch 16; worker 0 alone writes."""
+    out, tmpdir = tmp_path / "multi", tmp_path / "tmp"
+    procs = start_workers(tiny, out, MULTI_WORKER_MODEL, TRAIN, tmpdir)
+    outputs = wait_workers(procs, out)
+    for p, output in zip(procs, outputs):
+        assert p.returncode == 0, output[-4000:]
+    single = run_training(tiny, tmp_path / "single", MULTI_WORKER_MODEL | {"batch_size": 16})
+    steps = 2 * math.ceil(len(data_lib.subset_rows(tiny["index"], "train", "frame")) / 16)
+    for stats in map(worker_stats, outputs):
+        assert stats["replicas"] == 2 and stats["strategy"] == "CollectiveAllReduceStrategy"
+        assert stats["global_batch_size"] == single["global_batch_size"] == 16
+        assert stats["steps"] == single["steps"] == steps
+        assert stats["final_loss"] == pytest.approx(single["final_loss"], rel=1e-4)
+    assert sorted(p.name for p in (out / "out").iterdir()) == ["history.csv", "model.keras", "train_stats.json"]
+    assert json.loads((out / "out" / "train_stats.json").read_text()) == worker_stats(outputs[0])
+    assert list(pd.read_csv(out / "out" / "history.csv")["step"]) == [steps // 2, steps]
+    # the other worker wrote only to its temporary folder, removed at the end
+    events = list((out / "work").glob("*/tensorboard/*tfevents*"))
+    assert len(events) == 1 and events[0].name.split(".")[-3] == str(procs[0].pid)
+    assert not list((out / "work").glob("*/checkpoint")) and not list(tmpdir.iterdir())
+    assert_same_weights(tmp_path / "single" / "out" / "model.keras", out / "out" / "model.keras", atol=2e-4)
+
+
+@pytest.mark.slow
+def test_multi_worker_stop_signal_stops_every_worker_and_resumes(tiny, tmp_path):
+    """SIGTERM to one worker: both checkpoint at the same step and stop; a rerun resumes to the full run."""
+    model_cfg = LOGISTIC | {"epochs": 3, "batch_size": 8}
+    out, tmpdir = tmp_path / "multi", tmp_path / "tmp"
+    procs = start_workers(tiny, out, model_cfg, TRAIN, tmpdir, sleep=0.3)
+    try:
+        wait_for_state(out, lambda s: s["epoch"] >= 1, procs[0], timeout=240)
+        time.sleep(0.7)  # a couple of batches into the next epoch
+        procs[1].send_signal(signal.SIGTERM)
+    finally:
+        outputs = wait_workers(procs, out, timeout=240)
+    for output in outputs:
+        assert TrainingInterrupted.__name__ in output and "rerun to resume" in output, output[-3000:]
+    assert all(p.returncode != 0 for p in procs)
+    state = json.loads(next((out / "work").glob("*/checkpoint/state.json")).read_text())
+    steps = steps_per_epoch(tiny)
+    assert 0 < state["batch"] < steps and state["step"] == state["epoch"] * steps + state["batch"]
+    assert not (out / "out").exists()
+
+    outputs = wait_workers(start_workers(tiny, out, model_cfg, TRAIN, tmpdir), out)
+    assert all("resuming at epoch" in output for output in outputs), outputs[0][-3000:] + outputs[1][-3000:]
+    resumed = worker_stats(outputs[0])
+    reference = run_training(tiny, tmp_path / "reference", model_cfg | {"batch_size": 16})
+    assert resumed["steps"] == reference["steps"] == 3 * steps
+    assert list(pd.read_csv(out / "out" / "history.csv")["epoch"]) == [1, 2, 3]
+    assert_same_weights(tmp_path / "reference" / "out" / "model.keras", out / "out" / "model.keras", atol=1e-5)
+
+
+def test_multi_worker_strategy_can_be_made_after_the_stage_imports():
+    """MultiWorkerMirroredStrategy configures collective ops at TensorFlow's startup: nothing the train
+    stage imports, nor train_model before making it, may start the runtime (without TF_CONFIG: one worker)."""
+    code = textwrap.dedent("""
+        import yt8m_qrnn.cli, yt8m_qrnn.stages, yt8m_qrnn.train as train
+        strategy = train.make_strategy("multi_worker")
+        print("REPLICAS", strategy.num_replicas_in_sync, strategy.extended.should_checkpoint)
+    """)
+    env = tool_env() | {"CUDA_VISIBLE_DEVICES": ""}
+    env.pop("TF_CONFIG", None)
+    result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and "REPLICAS 1 True" in result.stdout, result.stderr[-3000:]

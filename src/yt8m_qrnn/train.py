@@ -14,9 +14,19 @@ The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data), with:
   in examples whatever the replicas. Gradients are summed over replicas *before* the
   per-variable norm clipping (Keras clips each replica's share, see ClippedAdam), so a
   mirrored run computes the single-device update of the same global batch.
-  Several machines: set TF_CONFIG on each and use "multi_worker"
-  (tf.distribute.MultiWorkerMirroredStrategy); each worker then reads the whole
-  stream, so for real scale shard the files per worker first (not done here).
+  Several machines: "multi_worker" (tf.distribute.MultiWorkerMirroredStrategy), one
+  process per machine, each with TF_CONFIG naming all of them and itself; the strategy
+  is made before anything starts TensorFlow's runtime (collective ops are configured
+  at startup). The replicas are those of every worker, so the global batch and the steps
+  are as above: each worker reads the same stream and keeps its replicas' parts of
+  every global batch (tf.data auto-sharding by DATA; by file it needs as many files as
+  workers and changes the batches), so a run gives the weights of one process with the
+  same global batch. Worker 0 (the chief) writes the outputs, checkpoints and logs; the
+  others write theirs to a temporary folder, removed at the end. On resume every worker
+  reads the chief's checkpoint folder (same path: one machine, or a shared file system;
+  checked), and a stop signal on any worker stops all at the same step (one small
+  collective per step). Each worker reads every record (the data is not split by file),
+  which suits workers that each have a copy of the data.
 - Precision (train.precision): "float32", or "mixed_float16" / "mixed_bfloat16"
   (Keras mixed precision; with float16 Keras adds dynamic loss scaling). Variables
   stay float32, the heads output float32, and the saved model is float32.
@@ -50,6 +60,7 @@ import math
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -68,6 +79,7 @@ log = logging.getLogger("yt8m_qrnn.train")
 ADAM_EPSILON = 1e-8  # tf.train.AdamOptimizer's default
 TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0}
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+DISTRIBUTE = ("auto", "mirrored", "multi_worker", "none")
 STATE_FILE = "state.json"
 
 
@@ -119,17 +131,19 @@ def make_optimizer(model_cfg: dict, train_cfg: dict, global_batch: int | None = 
 
 
 def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+    if kind not in DISTRIBUTE:
+        raise ValueError(f"train.distribute: {kind!r} is not one of {', '.join(DISTRIBUTE)}")
+    if kind == "multi_worker":
+        # first: it configures collective ops in the TensorFlow runtime, which is only possible
+        # before the runtime starts (listing devices, making a tensor or a dataset all start it)
+        return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
     if kind == "auto":
         return tf.distribute.MirroredStrategy([d.name for d in gpus]) if len(gpus) > 1 else tf.distribute.get_strategy()
     if kind == "mirrored":
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
-    if kind == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    if kind == "none":
-        return tf.distribute.get_strategy()
-    raise ValueError(f"train.distribute: {kind!r} is not one of auto, mirrored, multi_worker, none")
+    return tf.distribute.get_strategy()  # "none"
 
 
 @contextlib.contextmanager
@@ -148,11 +162,16 @@ def dtype_policy(name: str):
 
 
 class Checkpoint:
-    """Weights + optimizer state and the training position, in one folder, replaced atomically."""
+    """Weights + optimizer state and the training position, in one folder, replaced atomically.
 
-    def __init__(self, folder: Path):
+    save_folder: where save() writes when not `folder` (a worker other than the chief of a
+    multi-worker run saves as the chief does, into a temporary folder of its own).
+    """
+
+    def __init__(self, folder: Path, save_folder: Path | None = None):
         self.folder = Path(folder)
         self.state_path = self.folder / STATE_FILE
+        self.save_folder = Path(save_folder) if save_folder is not None else self.folder
 
     def load(self) -> dict | None:
         if not self.state_path.exists():
@@ -174,18 +193,19 @@ class Checkpoint:
             variable.assign(np.asarray(value, dtype=variable.dtype))
 
     def save(self, model: keras.Model, state: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
+        folder = self.save_folder
+        folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{state['step']:010d}-{time.time_ns()}.weights.h5"
-        tmp = self.folder / f".tmp-{os.getpid()}.weights.h5"
+        tmp = folder / f".tmp-{os.getpid()}.weights.h5"
         model.save_weights(tmp, overwrite=True)
         _fsync(tmp)
-        os.replace(tmp, self.folder / name)
+        os.replace(tmp, folder / name)
         # Keras weight files leave out the random generators' states (zoneout, DBoF frame sampling)
         rng = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_generator_states(model)]
-        with atomic_path(self.state_path) as tmp_state:
+        with atomic_path(folder / STATE_FILE) as tmp_state:
             tmp_state.write_text(json.dumps(state | {"weights": name, "rng": rng}, indent=1))
             _fsync(tmp_state)
-        for old in self.folder.glob("state-*.weights.h5"):
+        for old in folder.glob("state-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
@@ -236,11 +256,13 @@ class Progress(keras.callbacks.Callback):
     """
 
     def __init__(self, checkpoint: Checkpoint, state: dict, steps_per_epoch: int, global_batch: int,
-                 num_videos: int, total_epochs: int, every_steps: int, stop: StopFlag, tensorboard_dir: Path):
+                 num_videos: int, total_epochs: int, every_steps: int, stop: StopFlag, tensorboard_dir: Path,
+                 any_worker=bool):
         super().__init__()
         self.checkpoint, self.state = checkpoint, state
         self.steps_per_epoch, self.global_batch, self.num_videos = steps_per_epoch, global_batch, num_videos
         self.total_epochs, self.every_steps, self.stop = total_epochs, every_steps, stop
+        self.any_worker = any_worker  # several workers: whether any of them has the flag (a collective)
         self.writer = tf.summary.create_file_writer(str(tensorboard_dir))
         self.interrupted = False
 
@@ -269,7 +291,7 @@ class Progress(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self.last_logs = logs
         step = self.state["step_at_epoch_start"] + self.offset + batch + 1
-        stop = self.stop.signal is not None
+        stop = self.any_worker(self.stop.signal is not None)  # every worker stops at the same step
         periodic = self.every_steps and step % self.every_steps == 0
         if (stop or periodic) and self.offset + batch + 1 < self.steps_per_epoch:
             self.state = self._partial_state(batch, logs)
@@ -277,8 +299,9 @@ class Progress(keras.callbacks.Callback):
             if stop:
                 self.interrupted = True
                 self.model.stop_training = True
-                log.warning("signal %d: checkpoint saved at epoch %d, batch %d (step %d); rerun to resume",
-                            self.stop.signal, self.state["epoch"] + 1, self.state["batch"], step)
+                log.warning("signal %s: checkpoint saved at epoch %d, batch %d (step %d); rerun to resume",
+                            self.stop.signal or "on another worker", self.state["epoch"] + 1, self.state["batch"],
+                            step)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.interrupted:
@@ -340,19 +363,37 @@ def _rows_digest(rows: pd.DataFrame) -> str:
 def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, num_classes: int,
                 data_root: Path, index_path: Path, out_dir: Path, work_dir: Path) -> dict:
     train_cfg = TRAIN_DEFAULTS | train_cfg
+    # before anything else starts TensorFlow's runtime in this process (MultiWorkerMirroredStrategy needs that)
+    strategy = make_strategy(train_cfg["distribute"])
     index = pd.read_parquet(index_path)
     rows = data_lib.subset_rows(index, "train", model_cfg["level"])
     if rows.empty:
         raise ValueError(f"{index_path}: no {model_cfg['level']}-level videos in the train subset")
-    strategy = make_strategy(train_cfg["distribute"])
+    # never resume another configuration's or another dataset's run
+    run_key = {k: v for k, v in train_cfg.items() if k != "log_every_steps"}
+    rows_digest = _rows_digest(rows)
+    work_dir = Path(work_dir) / config_digest(name, model_cfg, run_key, strategy.num_replicas_in_sync, rows_digest)
+    if strategy.extended.should_checkpoint:  # the chief of several workers, or the only process
+        return _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
+                      Checkpoint(work_dir / "checkpoint"), work_dir / "tensorboard", out_dir)
+    # Another worker of a multi-worker run: it does all the chief does (saving included, as
+    # saving may take part in collectives), but writes to a temporary folder of its own, removed
+    # at the end; it resumes from the chief's checkpoint folder (the same path on every worker).
+    scratch = Path(tempfile.mkdtemp(prefix=f"yt8m-train-{name}-worker{strategy.cluster_resolver.task_id}-"))
+    try:
+        return _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
+                      Checkpoint(work_dir / "checkpoint", save_folder=scratch / "checkpoint"),
+                      scratch / "tensorboard", scratch / "out")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
+           checkpoint: Checkpoint, tensorboard_dir: Path, out_dir: Path) -> dict:
     replicas = strategy.num_replicas_in_sync
     global_batch = model_cfg["batch_size"] * replicas
     steps = data_lib.steps_per_epoch(len(rows), global_batch)
     epochs = model_cfg["epochs"]
-    # never resume another configuration's or another dataset's run
-    run_key = {k: v for k, v in train_cfg.items() if k != "log_every_steps"}
-    work_dir = Path(work_dir) / config_digest(name, model_cfg, run_key, replicas, _rows_digest(rows))
-    checkpoint = Checkpoint(work_dir / "checkpoint")
     stop = StopFlag()
 
     with dtype_policy(train_cfg["precision"]), strategy.scope():
@@ -360,6 +401,9 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
         model = build_model(name, model_cfg, num_classes)
         model.compile(optimizer=make_optimizer(model_cfg, train_cfg, global_batch), loss=starter_cross_entropy)
         state = checkpoint.load()
+        if _multi_worker(strategy):  # before restoring, which makes variables (collectives) on resume only
+            _check_workers_agree(name, strategy, state["step"] if state else 0, steps, rows_digest,
+                                 checkpoint.folder)
         if state is not None:
             checkpoint.restore(model, state)
             log.info("%s: resuming at epoch %d, batch %d (step %d) from %s", name, state["epoch"] + 1,
@@ -372,7 +416,8 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
                  "(%d x %d replicas), %s, precision %s", name, parameters, len(rows), epochs, steps, global_batch,
                  model_cfg["batch_size"], replicas, type(strategy).__name__, train_cfg["precision"])
         progress = Progress(checkpoint, state, steps, global_batch, len(rows), epochs,
-                            train_cfg["checkpoint_every_steps"], stop, work_dir / "tensorboard")
+                            train_cfg["checkpoint_every_steps"], stop, tensorboard_dir,
+                            any_worker=_any_worker(strategy) if _multi_worker(strategy) else bool)
         callbacks = [progress, StepLogger(train_cfg["log_every_steps"], global_batch)]
         start = time.perf_counter()
         with stop.installed():
@@ -382,7 +427,10 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
                 end = epoch + 1 if batch else epochs
                 stream = data_lib.make_training_stream(
                     data_root, rows, model_cfg["level"], version, num_classes, global_batch,
-                    seed=train_cfg["seed"], start_epoch=epoch, end_epoch=end, skip_batches=batch)
+                    seed=train_cfg["seed"], start_epoch=epoch, end_epoch=end, skip_batches=batch
+                ).with_options(_shard_by_data())
+                if _multi_worker(strategy):
+                    _work_around_keras_multi_worker(model, strategy, stream.element_spec)
                 model.fit(stream, initial_epoch=epoch, epochs=end, steps_per_epoch=steps - batch,
                           callbacks=callbacks, shuffle=False, verbose=0)
                 if not progress.interrupted and progress.state["epoch"] != end:
@@ -390,14 +438,93 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
                                        f"batch {progress.state['batch']}; expected {steps} batches per epoch)")
         wall = time.perf_counter() - start
         if progress.interrupted:
-            raise TrainingInterrupted(f"{name}: training interrupted (signal {stop.signal}); "
+            raise TrainingInterrupted(f"{name}: training interrupted (signal {stop.signal or 'on another worker'}); "
                                       f"checkpoint in {checkpoint.folder}, rerun to resume")
         step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
         if step != epochs * steps:
             raise RuntimeError(f"{name}: {step} optimizer steps after training, expected {epochs} x {steps}")
     inference_model = _inference_copy(name, model_cfg, num_classes, model)
     return _write_outputs(name, inference_model, model_cfg, train_cfg, progress.state["history"], len(rows), wall,
-                          step, global_batch, replicas, strategy, out_dir, work_dir)
+                          step, global_batch, replicas, strategy, out_dir, checkpoint.save_folder)
+
+
+def _shard_by_data() -> tf.data.Options:
+    """Several workers: each splits every global batch as all do and keeps its own replicas' parts.
+
+    tf.distribute splits each global batch into one part per replica (in replica order over
+    the workers) and, with the DATA policy, each worker keeps the parts of its replicas; so
+    the global batch, its content and the step count are those of one worker. (The default,
+    sharding by file, needs at least as many files as workers and gives each worker
+    different videos, changing the batches.) No effect with one worker.
+    """
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return options
+
+
+def _multi_worker(strategy) -> bool:
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+
+
+def _across_workers(strategy):
+    """A function of `values` (floats) giving every worker's values, one row each.
+
+    A collective: every worker calls it at the same point. In a tf.function: ~3 ms a call
+    between two local workers, ~90 ms eagerly.
+    """
+    @tf.function
+    def gather(local):
+        per_replica = strategy.experimental_distribute_values_from_function(lambda context: local)
+        return strategy.gather(per_replica, axis=0)
+
+    return lambda values: gather(tf.constant([values], tf.float64)).numpy()
+
+
+def _any_worker(strategy):
+    across = _across_workers(strategy)
+
+    def any_worker(flag: bool) -> bool:
+        return bool(across([float(flag)]).any())
+    return any_worker
+
+
+def _check_workers_agree(name, strategy, step: int, steps: int, rows_digest: str, folder: Path) -> None:
+    """The workers of a multi-worker run must start at the same step and have the same batches."""
+    rows = _across_workers(strategy)([float(step), float(steps), float(int(rows_digest[:8], 16))])
+    if (rows == rows[0]).all():
+        return
+    if (rows[:, 1:] != rows[0, 1:]).any():
+        raise RuntimeError(f"{name}: the workers do not have the same training videos (the same index and data); "
+                           "each needs the same copy of the workspace")
+    raise RuntimeError(f"{name}: the workers would resume at different steps "
+                       f"({', '.join(str(int(r)) for r in rows[:, 0])}, by worker): all read the chief's checkpoint "
+                       f"folder, here {folder}, which must be on a file system they share (or copied to the same "
+                       "path on the others before the rerun)")
+
+
+def _work_around_keras_multi_worker(model: keras.Model, strategy, element_spec) -> None:
+    """Two Keras 3 (3.15, TensorFlow backend) bugs of fit under MultiWorkerMirroredStrategy.
+
+    - fit builds the model's state from one batch of the distributed stream, averaged over
+      the replicas with strategy.reduce, which fails on a structure ("Attempt to convert a
+      value ({'features': PerReplica...}) ... to a Tensor"; keras-team/keras#20329, #20585).
+      The batch only gives shapes and dtypes, which the stream's element_spec has too.
+    - each step's logs (each replica's metric results, scalars) are reduced with
+      strategy.reduce("MEAN", value, axis=0), which fails on a scalar ("Invalid reduction
+      dimension 0 for input with 0 dimensions"). With a length-1 axis that reduction is the
+      mean over the replicas, what fit reports under MirroredStrategy.
+    """
+    def build(iterator=None, data_batch=None):
+        with strategy.scope():
+            model._symbolic_build(data_batch=element_spec)
+
+    train_step = type(model).train_step.__get__(model)
+
+    def train_step_with_axis(data):
+        return {key: tf.reshape(value, [1]) for key, value in train_step(data).items()}
+
+    model._maybe_symbolic_build = build
+    model.train_step = train_step_with_axis
 
 
 def _inference_copy(name, model_cfg, num_classes, model):
@@ -409,7 +536,7 @@ def _inference_copy(name, model_cfg, num_classes, model):
 
 
 def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall, step, global_batch, replicas,
-                   strategy, out_dir: Path, work_dir: Path) -> dict:
+                   strategy, out_dir: Path, checkpoint_folder: Path) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.keras"
@@ -443,7 +570,7 @@ def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall,
     }
     _write_history(out_dir / "history.csv", history)
     write_json(out_dir / "train_stats.json", stats)
-    shutil.rmtree(work_dir / "checkpoint", ignore_errors=True)  # the run is complete; outputs are the record
+    shutil.rmtree(checkpoint_folder, ignore_errors=True)  # the run is complete; outputs are the record
     return stats
 
 
