@@ -40,7 +40,7 @@ def copy_repo(dest):
                             capture_output=True, check=True).stdout.decode().split("\0")
     for rel in filter(None, listed):
         source = REPO / rel
-        if source.is_file() and not rel.startswith(("results/", "resources/")):
+        if source.is_file() and not rel.startswith(("results/", "resources/")) and rel != "dvc.lock":
             (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source, dest / rel)
 
