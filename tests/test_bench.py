@@ -77,6 +77,8 @@ def test_grid_json_ratios_are_lstm_over_qrnn(tiny_run):
             assert timed["median_s"] == cell[f"{name}_s"]
     at = grid["at_shape"]
     assert (at["batch"], at["length"], at["inputs"], at["hidden"]) == (2, 9, 5, 4)
+    for cell in cells + [at]:
+        assert len(cell["load_average"]["before"]) == len(cell["load_average"]["after"]) == 3
 
 
 def test_pooling_json_parts_and_agreement(tiny_run):
@@ -258,6 +260,17 @@ def test_report_section_from_fixture_json(tmp_path):
     assert "LSTM / QRNN 1.62x" in text and "pooling alone: sequential (the layer's) | 470.0 ms | 9.4%" in text
     assert "| training stream" in text and "| 45.0 |" in text  # MB/s of the training stream
     assert "![QRNN vs LSTM speed](bench/speedup.png)" in text
+
+
+def test_report_section_without_xla_at_the_shape(tmp_path):
+    """bench.lstm_xla: grid leaves XLA out at the shape: the ratio is against the tf.function LSTM."""
+    folder = write_fixture(tmp_path / "results", ratio=1.55)
+    grid = json.loads((folder / "layer_grid.json").read_text())
+    grid["at_shape"] |= {"lstm_xla_s": None, "ratio_keras_default": None}
+    (folder / "layer_grid.json").write_text(json.dumps(grid))
+    text = "\n".join(bench_section(tmp_path / "results"))
+    assert "| LSTM, XLA (how Keras compiles a model of LSTMs) | not timed here (bench.lstm_xla) | n/a |" in text
+    assert "LSTM / QRNN 1.55x" in text
 
 
 def test_report_section_without_the_bench(tmp_path):

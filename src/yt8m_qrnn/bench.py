@@ -12,10 +12,13 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   inputs, hidden 1024), where the targets are checked. Every time is the median of
   `bench.repeats` steps after the first (tracing, compiling) and `bench.warmup` more; the layers
   of a cell take turns step by step (in a rotating order), so a machine that gets busier slows
-  them alike. The QRNN is compiled as Keras compiles it (tf.function: the layer declines XLA on
+  them alike, and the process's CPU time is kept beside the wall time (`ratio_cpu_time`); the
+  load average before and after each measurement is recorded with it. The shape where the
+  targets are set is measured first (then its parts, the input pipeline, and the grid last). The QRNN is compiled as Keras compiles it (tf.function: the layer declines XLA on
   TensorFlow); the LSTM both ways Keras may compile it: tf.function, and XLA, which Keras picks
-  for a model of LSTMs on TensorFlow (jit_compile="auto"). The ratio LSTM / QRNN of a cell takes
-  the faster LSTM of the two, so it is never flattered by a slow compilation of the LSTM.
+  for a model of LSTMs on TensorFlow (jit_compile="auto"); `bench.lstm_xla` (all | grid | none)
+  says where (XLA's LSTM at the YouTube-8M shape holds ~14 GB). The ratio LSTM / QRNN of a cell
+  takes the faster LSTM, so it is never flattered by a slow compilation of the LSTM.
 - pooling.json: at `bench.shape`, the QRNN layer step beside its parts, timed the same way in
   one round: the convolution alone (the layer's matmuls of x_{t-1} and x_t with the kernel, plus
   the bias, and its gradient) and the pooling alone (c_t = f_t c_{t-1} + (1 - f_t) z_t with its
@@ -121,24 +124,26 @@ def run_bench(cfg: dict, out_dir: Path = OUT_DIR, *, data_root: Path = DATA_ROOT
     grid, shape = resolve_grid(cfg["grid"]), resolve_shape(cfg["shape"])
     warmup, repeats = int(cfg["warmup"]), int(cfg["repeats"])
 
+    # The shape the targets are set at first, right after the load was read (the longer grid last).
+    xla = cfg.get("lstm_xla", "all")
+    at_shape = _with_load(lambda: time_layers(tf, shape["batch"], shape["frames"], shape["inputs"], shape["hidden"],
+                                              warmup, repeats, xla=xla == "all"))
+    progress(f"shape {shape['name']}: {_cell_line(at_shape)}")
+    pooling = _with_load(lambda: time_pooling(tf, shape, warmup, repeats))
+    write_json(out_dir / "pooling.json", pooling)
+    pipeline = _with_load(lambda: time_input_pipeline(tf, cfg["input_pipeline"], data_root))
+    write_json(out_dir / "input_pipeline.json", pipeline)
+
     layers = {"grid": grid, "shape": shape, "window": WINDOW, "pooling": POOLING, "warmup": warmup,
-              "repeats": repeats, "loss": "mean square of the output sequence",
-              "gradient": "inputs and every weight", "compile": COMPILE_NOTE, "cells": []}
+              "repeats": repeats, "lstm_xla": xla, "loss": "mean square of the output sequence",
+              "gradient": "inputs and every weight", "compile": COMPILE_NOTE, "at_shape": at_shape, "cells": []}
     cells = [(b, t) for b in grid["batch_sizes"] for t in grid["lengths"]]
     for number, (batch, length) in enumerate(cells, start=1):
-        cell = time_layers(tf, batch, length, grid["inputs"], grid["hidden"], warmup, repeats)
+        cell = _with_load(lambda batch=batch, length=length: time_layers(
+            tf, batch, length, grid["inputs"], grid["hidden"], warmup, repeats, xla=xla != "none"))
         layers["cells"].append(cell)
         progress(f"grid {number}/{len(cells)}: {_cell_line(cell)}")
-    layers["at_shape"] = time_layers(tf, shape["batch"], shape["frames"], shape["inputs"], shape["hidden"],
-                                     warmup, repeats)
-    progress(f"shape {shape['name']}: {_cell_line(layers['at_shape'])}")
     write_json(out_dir / "layer_grid.json", layers)
-
-    pooling = time_pooling(tf, shape, warmup, repeats)
-    write_json(out_dir / "pooling.json", pooling)
-
-    pipeline = time_input_pipeline(tf, cfg["input_pipeline"], data_root)
-    write_json(out_dir / "input_pipeline.json", pipeline)
 
     env["load_average_end"] = list(os.getloadavg())
     summary = summarize(cfg, env, layers, pooling, pipeline, seconds=time.time() - started)
@@ -151,10 +156,21 @@ def run_bench(cfg: dict, out_dir: Path = OUT_DIR, *, data_root: Path = DATA_ROOT
     return summary
 
 
+def _with_load(measure: Callable[[], dict]) -> dict:
+    """measure() with the load average (1, 5, 15 min) before and after it: other work on the
+    machine slows what is timed, and shows there."""
+    before = list(os.getloadavg())
+    result = measure()
+    return result | {"load_average": {"before": before, "after": list(os.getloadavg())}}
+
+
 def _cell_line(cell: dict) -> str:
+    xla = "not timed" if cell["lstm_xla_s"] is None else f"{1e3 * cell['lstm_xla_s']:.1f} ms"
+    load = cell["load_average"]
     return (f"batch {cell['batch']} x length {cell['length']} (inputs {cell['inputs']}, hidden {cell['hidden']}): "
-            f"QRNN {1e3 * cell['qrnn_s']:.1f} ms, LSTM {1e3 * cell['lstm_plain_s']:.1f} ms "
-            f"(XLA {1e3 * cell['lstm_xla_s']:.1f} ms): {cell['ratio']:.2f}x")
+            f"QRNN {1e3 * cell['qrnn_s']:.1f} ms, LSTM {1e3 * cell['lstm_plain_s']:.1f} ms (XLA {xla}): "
+            f"{cell['ratio']:.2f}x (CPU time {cell['ratio_cpu_time']:.2f}x); "
+            f"load {load['before'][0]:.2f} -> {load['after'][0]:.2f}")
 
 
 # ---------------------------------------------------------------- the machine
@@ -276,7 +292,8 @@ def training_step(tf, layer, x, jit_compile: bool) -> Callable[[], object]:
 
 COMPILE_NOTE = ("qrnn: tf.function (the QRNN layer declines XLA on TensorFlow, as Keras then compiles it); "
                 "lstm_plain: tf.function; lstm_xla: tf.function(jit_compile=True), what Keras picks for a model "
-                "of LSTMs on TensorFlow; ratio = lstm_s / qrnn_s with lstm_s the faster of the two LSTM times")
+                "of LSTMs on TensorFlow (null where bench.lstm_xla leaves it out); ratio = lstm_s / qrnn_s with "
+                "lstm_s the faster of the LSTM times")
 
 
 def _inputs(tf, batch, length, inputs, seed=0):
@@ -300,29 +317,32 @@ def make_lstm(hidden: int, inputs: int):
     return layer
 
 
-def time_layers(tf, batch: int, length: int, inputs: int, hidden: int, warmup: int, repeats: int) -> dict:
-    """One cell: the QRNN and the LSTM (tf.function and XLA) training steps at [batch, length, inputs]."""
+def time_layers(tf, batch: int, length: int, inputs: int, hidden: int, warmup: int, repeats: int,
+                xla: bool = True) -> dict:
+    """One cell: the QRNN and the LSTM (tf.function, and XLA when `xla`) training steps at [batch, length, inputs]."""
     import keras
 
     x = _inputs(tf, batch, length, inputs)
     qrnn, lstm = make_qrnn(hidden, inputs), make_lstm(hidden, inputs)
     steps = {"qrnn": training_step(tf, qrnn, x, jit_compile=False),
-             "lstm_plain": training_step(tf, lstm, x, jit_compile=False),
-             "lstm_xla": training_step(tf, lstm, x, jit_compile=True)}
+             "lstm_plain": training_step(tf, lstm, x, jit_compile=False)}
+    if xla:
+        steps["lstm_xla"] = training_step(tf, lstm, x, jit_compile=True)
     timed = time_interleaved(steps, warmup, repeats)
     del steps, qrnn, lstm, x
     keras.backend.clear_session()
     gc.collect()
-    lstm_s = min(timed["lstm_plain"]["median_s"], timed["lstm_xla"]["median_s"])
-    qrnn_s = timed["qrnn"]["median_s"]
+    lstm_names = [name for name in ("lstm_plain", "lstm_xla") if name in timed]
+    fastest = min(lstm_names, key=lambda name: timed[name]["median_s"])
+    lstm_s, qrnn_s = timed[fastest]["median_s"], timed["qrnn"]["median_s"]
+    xla_s = timed["lstm_xla"]["median_s"] if xla else None
     return {
         "batch": batch, "length": length, "inputs": inputs, "hidden": hidden,
-        "qrnn_s": qrnn_s, "lstm_plain_s": timed["lstm_plain"]["median_s"], "lstm_xla_s": timed["lstm_xla"]["median_s"],
-        "lstm_s": lstm_s, "lstm_compile": "plain" if lstm_s == timed["lstm_plain"]["median_s"] else "xla",
+        "qrnn_s": qrnn_s, "lstm_plain_s": timed["lstm_plain"]["median_s"], "lstm_xla_s": xla_s,
+        "lstm_s": lstm_s, "lstm_compile": fastest.removeprefix("lstm_"),
         "ratio": lstm_s / qrnn_s,
-        "ratio_keras_default": timed["lstm_xla"]["median_s"] / qrnn_s,
-        "ratio_cpu_time": min(timed["lstm_plain"]["cpu_median_s"], timed["lstm_xla"]["cpu_median_s"])
-        / timed["qrnn"]["cpu_median_s"],
+        "ratio_keras_default": None if xla_s is None else xla_s / qrnn_s,
+        "ratio_cpu_time": min(timed[name]["cpu_median_s"] for name in lstm_names) / timed["qrnn"]["cpu_median_s"],
         "timings": timed,
     }
 
@@ -549,10 +569,12 @@ def summarize(cfg: dict, env: dict, layers: dict, pooling: dict, pipeline: dict,
     off_cpu = None if env["device_kind"] == "CPU" else "measured on a GPU; the target is set on a CPU"
     targets = [
         _check("qrnn_speedup", at_shape["ratio"], off_shape or off_cpu,
-               f"{at_shape['ratio']:.2f}x (QRNN {at_shape['qrnn_s']:.3f} s, LSTM {at_shape['lstm_s']:.3f} s)"),
+               f"{at_shape['ratio']:.2f}x (QRNN {at_shape['qrnn_s']:.3f} s, LSTM {at_shape['lstm_s']:.3f} s; "
+               f"CPU time {at_shape['ratio_cpu_time']:.2f}x; load average {_load_text(at_shape)})"),
         _check("pooling_share", pooling["pooling_share"], off_shape,
                f"{100 * pooling['pooling_share']:.1f}% ({pooling['layer_pool_impl']} pooling "
-               f"{pooling['pooling_s']:.3f} s of the layer's {pooling['layer_s']:.3f} s)"),
+               f"{pooling['pooling_s']:.3f} s of the layer's {pooling['layer_s']:.3f} s; load average "
+               f"{_load_text(pooling)})"),
         _check("input_pipeline_share", pipeline["share_of_raw"], None,
                f"{100 * pipeline['share_of_raw']:.0f}% ({pipeline['pipeline']['mb_per_s']:.1f} MB/s of "
                f"{pipeline['raw']['mb_per_s']:.1f} MB/s)"),
@@ -564,8 +586,8 @@ def summarize(cfg: dict, env: dict, layers: dict, pooling: dict, pipeline: dict,
         "grid": {k: layers["grid"][k] for k in ("name", "hidden", "inputs", "batch_sizes", "lengths")},
         "grid_ratio": {"min": min(ratios), "median": statistics.median(ratios), "max": max(ratios)} if ratios else None,
         "shape": shape,
-        "at_shape": {k: at_shape[k] for k in ("qrnn_s", "lstm_s", "lstm_plain_s", "lstm_xla_s", "ratio",
-                                              "ratio_keras_default", "ratio_cpu_time")},
+        "at_shape": {k: at_shape.get(k) for k in ("qrnn_s", "lstm_s", "lstm_plain_s", "lstm_xla_s", "lstm_compile",
+                                                  "ratio", "ratio_keras_default", "ratio_cpu_time", "load_average")},
         "pooling": {"impl": pooling["layer_pool_impl"], "share": pooling["pooling_share"],
                     "convolution_share": pooling["convolution_share"],
                     "implementations_s": {n: v["median_s"] for n, v in pooling["implementations"].items()}},
@@ -576,6 +598,11 @@ def summarize(cfg: dict, env: dict, layers: dict, pooling: dict, pipeline: dict,
         "targets": targets,
         "files": list(FILES),
     }
+
+
+def _load_text(measured: dict) -> str:
+    load = measured.get("load_average")
+    return f"{load['before'][0]:.2f} -> {load['after'][0]:.2f}" if load else "not recorded"
 
 
 def _shape_text(shape: dict) -> str:
@@ -613,8 +640,9 @@ def plot_speedup(layers: dict, pooling: dict, summary: dict, path: Path) -> None
             ("  convolution alone", pooling["convolution_s"], "tab:olive")]
     bars += [(f"  pooling alone: {name}" + (" (used)" if name == pooling["layer_pool_impl"] else ""),
               value["median_s"], "tab:cyan") for name, value in pooling["implementations"].items()]
-    bars += [("LSTM (tf.function)", at_shape["lstm_plain_s"], "tab:red"),
-             ("LSTM (XLA)", at_shape["lstm_xla_s"], "tab:pink")]
+    bars += [("LSTM (tf.function)", at_shape["lstm_plain_s"], "tab:red")]
+    if at_shape["lstm_xla_s"] is not None:
+        bars.append(("LSTM (XLA)", at_shape["lstm_xla_s"], "tab:pink"))
     ys = list(range(len(bars)))[::-1]
     bar_ax.barh(ys, [b[1] for b in bars], color=[b[2] for b in bars])
     for y, (_, value, _) in zip(ys, bars):

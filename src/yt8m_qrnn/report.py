@@ -662,8 +662,13 @@ def bench_section(results: Path) -> list[str]:
             "",
             "Each cell: the training step (forward, then the gradient of a scalar loss with respect to the inputs and "
             "every weight, compiled as Keras trains) of one `keras.layers.LSTM` over that of one QRNN layer of the "
-            "same size (fo pooling, window 2), medians; the LSTM's time is the faster of tf.function and XLA. "
-            "Above 1: the QRNN is faster.",
+            "same size (fo pooling, window 2), medians; the LSTM's time is the faster of tf.function and XLA "
+            "(where XLA was timed). "
+            "Above 1: the QRNN is faster."
+            + (" Load average (1 min) around the grid's cells: {:.2f} to {:.2f}.".format(
+                min(c["load_average"]["before"][0] for c in grid["cells"]),
+                max(c["load_average"]["after"][0] for c in grid["cells"]))
+               if grid["cells"] and all("load_average" in c for c in grid["cells"]) else ""),
             "",
         ]
         at, shape = grid["at_shape"], grid["shape"]
@@ -684,13 +689,20 @@ def bench_section(results: Path) -> list[str]:
         step_rows += [
             {"Step": "LSTM, tf.function", "Median": duration(at["lstm_plain_s"]),
              "Of the QRNN layer step": f"{at['lstm_plain_s'] / at['qrnn_s']:.2f}x"},
-            {"Step": "LSTM, XLA (how Keras compiles a model of LSTMs)", "Median": duration(at["lstm_xla_s"]),
-             "Of the QRNN layer step": f"{at['lstm_xla_s'] / at['qrnn_s']:.2f}x"},
+            {"Step": "LSTM, XLA (how Keras compiles a model of LSTMs)",
+             "Median": "not timed here (bench.lstm_xla)" if at["lstm_xla_s"] is None else duration(at["lstm_xla_s"]),
+             "Of the QRNN layer step": NA if at["lstm_xla_s"] is None else f"{at['lstm_xla_s'] / at['qrnn_s']:.2f}x"},
         ]
         raw, stream = pipeline["raw"], pipeline["pipeline"]
+        shape_load = at.get("load_average")
         lines += [
             f"### At the `{shape['name']}` shape (batch {shape['batch']}, {shape['frames']} frames, "
-            f"{shape['inputs']} inputs, hidden {shape['hidden']}): LSTM / QRNN {at['ratio']:.2f}x",
+            f"{shape['inputs']} inputs, hidden {shape['hidden']}): LSTM / QRNN {at['ratio']:.2f}x"
+            + (f" (CPU time {at['ratio_cpu_time']:.2f}x)" if at.get("ratio_cpu_time") else ""),
+            "",
+            (f"Load average (1 min) {shape_load['before'][0]:.2f} before these steps, {shape_load['after'][0]:.2f} "
+             "after; the CPU time of the process (every thread) is less sensitive to other work on the machine "
+             "than the wall time." if shape_load else "Load average during these steps not recorded."),
             "",
             markdown_table(pd.DataFrame(step_rows)),
             "",
