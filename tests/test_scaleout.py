@@ -445,8 +445,9 @@ def record_requests(workspace, tmp_path, profile: str, recorder: str, upstream: 
         for name in upstream:  # in pipeline order; the bucket's times follow the uploads
             time.sleep(1.1)
             bucket.blob(f"qrnn/{name}").upload_from_filename(str(workspace / name))
-        out = run([sys.executable, str(script), str(record), "--workflow-profile", f"workflow/profiles/{profile}"],
-                  workspace, env, check=False, timeout=300)
+        # the bench job (ready as early as the train jobs) is left out: the first job submitted is a train job
+        out = run([sys.executable, str(script), str(record), "--workflow-profile", f"workflow/profiles/{profile}",
+                   "--omit-from", "bench"], workspace, env, check=False, timeout=300)
     assert "recorded by the test, not submitted" in out, out[-3000:]
     return [json.loads(line) for line in record.read_text().splitlines()]
 
