@@ -619,30 +619,38 @@ def plot_speedup(layers: dict, pooling: dict, summary: dict, path: Path) -> None
     grid = layers["grid"]
     batches, lengths = grid["batch_sizes"], grid["lengths"]
     ratio = np.full((len(batches), len(lengths)), np.nan)
+    cpu_ratio = np.full_like(ratio, np.nan)
     for cell in layers["cells"]:
-        ratio[batches.index(cell["batch"]), lengths.index(cell["length"])] = cell["ratio"]
-    fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.1, 1]})
-    low, high = np.nanmin(ratio), np.nanmax(ratio)
-    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(low, 0.5), vmax=max(high, 2.0))
-    image = heat_ax.imshow(ratio, cmap="RdYlGn", norm=norm, aspect="auto")
+        where = batches.index(cell["batch"]), lengths.index(cell["length"])
+        ratio[where], cpu_ratio[where] = cell["ratio"], cell.get("ratio_cpu_time", np.nan)
+    fig, (heat_ax, bar_ax) = plt.subplots(1, 2, figsize=(14, 5.2), gridspec_kw={"width_ratios": [1.1, 1]})
+    if layers["cells"]:
+        low, high = np.nanmin(ratio), np.nanmax(ratio)
+        norm = TwoSlopeNorm(vcenter=1.0, vmin=min(low, 0.5), vmax=max(high, 2.0))
+        image = heat_ax.imshow(ratio, cmap="RdYlGn", norm=norm, aspect="auto")
+        fig.colorbar(image, ax=heat_ax, label="> 1: the QRNN is faster")
     for i in range(len(batches)):
         for j in range(len(lengths)):
             if not np.isnan(ratio[i, j]):
-                heat_ax.text(j, i, f"{ratio[i, j]:.2f}x", ha="center", va="center", fontsize=9)
+                heat_ax.text(j, i, f"{ratio[i, j]:.2f}x" + ("" if np.isnan(cpu_ratio[i, j])
+                                                             else f"\ncpu {cpu_ratio[i, j]:.2f}x"),
+                             ha="center", va="center", fontsize=8)
     heat_ax.set_xticks(range(len(lengths)), [str(v) for v in lengths])
     heat_ax.set_yticks(range(len(batches)), [str(v) for v in batches])
     heat_ax.set(xlabel="sequence length", ylabel="batch size",
-                title=f"LSTM / QRNN step time, grid {grid['name']} (hidden {grid['hidden']}, inputs {grid['inputs']})")
-    fig.colorbar(image, ax=heat_ax, label="> 1: the QRNN is faster")
+                title=f"LSTM / QRNN step time, grid {grid['name']}\n(hidden {grid['hidden']}, inputs {grid['inputs']}; "
+                      "wall time, and process CPU time below)")
 
     at_shape = layers["at_shape"]
+    # two rounds, each timed interleaved: the layers against each other, then the QRNN's parts
     bars = [("QRNN layer", at_shape["qrnn_s"], "tab:green"),
-            ("  convolution alone", pooling["convolution_s"], "tab:olive")]
-    bars += [(f"  pooling alone: {name}" + (" (used)" if name == pooling["layer_pool_impl"] else ""),
-              value["median_s"], "tab:cyan") for name, value in pooling["implementations"].items()]
-    bars += [("LSTM (tf.function)", at_shape["lstm_plain_s"], "tab:red")]
+            ("LSTM (tf.function)", at_shape["lstm_plain_s"], "tab:red")]
     if at_shape["lstm_xla_s"] is not None:
         bars.append(("LSTM (XLA)", at_shape["lstm_xla_s"], "tab:pink"))
+    bars += [("parts' round: QRNN layer", pooling["layer_s"], "tab:green"),
+             ("  convolution alone", pooling["convolution_s"], "tab:olive")]
+    bars += [(f"  pooling alone: {name}" + (" (the layer's)" if name == pooling["layer_pool_impl"] else ""),
+              value["median_s"], "tab:cyan") for name, value in pooling["implementations"].items()]
     ys = list(range(len(bars)))[::-1]
     bar_ax.barh(ys, [b[1] for b in bars], color=[b[2] for b in bars])
     for y, (_, value, _) in zip(ys, bars):
@@ -651,11 +659,13 @@ def plot_speedup(layers: dict, pooling: dict, summary: dict, path: Path) -> None
     bar_ax.set_xscale("log")
     shape = layers["shape"]
     bar_ax.set(xlabel="step time, forward + gradient (s, log scale)",
-               title=f"Shape {shape['name']} {_shape_text(shape)}: {at_shape['ratio']:.2f}x")
+               title=f"Shape {shape['name']} {_shape_text(shape)}\nLSTM / QRNN {at_shape['ratio']:.2f}x"
+                     + (f" (cpu {at_shape['ratio_cpu_time']:.2f}x)" if at_shape.get("ratio_cpu_time") else ""))
     bar_ax.grid(axis="x", alpha=0.3)
     env = summary["environment"]
     fig.suptitle(f"QRNN vs LSTM training step: {env['device']}, {env['backend']} {env['versions']['tensorflow']}, "
-                 f"{env['cpus_usable']} CPUs, load {env['load_average_start'][0]:.1f} at the start", fontsize=10)
+                 f"{env['cpus_usable']} CPUs, load average {env['load_average_start'][0]:.1f} at the start, "
+                 f"{env.get('load_average_end', [float('nan')])[0]:.1f} at the end", fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
