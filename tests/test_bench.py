@@ -89,6 +89,8 @@ def test_pooling_json_parts_and_agreement(tiny_run):
     assert pooling["pooling_s"] == used["median_s"]
     assert pooling["pooling_share"] == pytest.approx(used["median_s"] / pooling["layer_s"])
     assert pooling["convolution_share"] == pytest.approx(pooling["convolution_s"] / pooling["layer_s"])
+    assert pooling["pooling_share_cpu"] == pytest.approx(
+        used["timings"]["cpu_median_s"] / pooling["timings"]["layer"]["cpu_median_s"])
     for name, impl in pooling["implementations"].items():
         assert impl["max_abs_error"] < 1e-5, name  # every implementation solves the same recurrence
         assert impl["share_of_layer"] == pytest.approx(impl["median_s"] / pooling["layer_s"])

@@ -416,6 +416,9 @@ def time_pooling(tf, shape: dict, warmup: int, repeats: int) -> dict:
         "pooling_share": implementations[used]["median_s"] / layer_s,
         "convolution_share": timed["convolution"]["median_s"] / layer_s,
         "other_share": 1.0 - (implementations[used]["median_s"] + timed["convolution"]["median_s"]) / layer_s,
+        # the same shares in process CPU time, less sensitive to other work on the machine
+        "pooling_share_cpu": timed[f"pooling_{used}"]["cpu_median_s"] / timed["layer"]["cpu_median_s"],
+        "convolution_share_cpu": timed["convolution"]["cpu_median_s"] / timed["layer"]["cpu_median_s"],
         "implementations": implementations,
         "timings": {"layer": timed["layer"], "convolution": timed["convolution"]},
         "note": ("each part timed alone with its own gradient (loss: mean square of its output); "

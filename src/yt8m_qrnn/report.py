@@ -679,13 +679,17 @@ def bench_section(results: Path) -> list[str]:
              "Of the QRNN layer step": "100% (the shares below)"},
             {"Step": "convolution alone (the matmuls of x_{t-1}, x_t with the kernel, and their gradient)",
              "Median": duration(pooling["convolution_s"]),
-             "Of the QRNN layer step": f"{100 * pooling['convolution_share']:.1f}%"},
+             "Of the QRNN layer step": f"{100 * pooling['convolution_share']:.1f}%"
+             + (f" (CPU time {100 * pooling['convolution_share_cpu']:.1f}%)" if "convolution_share_cpu" in pooling
+                else "")},
         ]
         for name, impl in pooling["implementations"].items():
             step_rows.append({"Step": f"pooling alone: {name}" + (" (the layer's)" if name == used else ""),
                               "Median": duration(impl["median_s"]),
                               "Of the QRNN layer step": f"{100 * impl['share_of_layer']:.1f}% "
-                                                        f"(max error vs float64 {impl['max_abs_error']:.1e})"})
+                                                        + (f"(CPU time {100 * pooling['pooling_share_cpu']:.1f}%) "
+                                                           if name == used and "pooling_share_cpu" in pooling else "")
+                                                        + f"(max error vs float64 {impl['max_abs_error']:.1e})"})
         step_rows += [
             {"Step": "LSTM, tf.function", "Median": duration(at["lstm_plain_s"]),
              "Of the QRNN layer step": f"{at['lstm_plain_s'] / at['qrnn_s']:.2f}x"},
