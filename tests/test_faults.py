@@ -30,7 +30,7 @@ from test_index import KINDS, _corrupt, make_dataset
 from test_pipeline import copy_repo, dvc_ran, snakemake_ran, tiny_params
 from yt8m_qrnn import cli, fetch, stages
 from yt8m_qrnn.fetch import FetchError, RetryPolicy, fetch_dataset
-from yt8m_qrnn.io import WORKSPACE_ENV, WorkspaceBusy, hold_workspace, resource_locks, workspace_shared
+from yt8m_qrnn.io import resource_locks
 from yt8m_qrnn.tfrecord import iter_records, read_record_at
 
 pytestmark = pytest.mark.faults
@@ -603,53 +603,6 @@ def test_a_killed_holder_leaves_no_lock(tmp_path):
     started = time.monotonic()
     with resource_locks(tmp_path / "resources" / "locks", exclusive=["index"], timeout=5):
         assert time.monotonic() - started < 1
-
-
-HOLD_WORKSPACE = """
-import sys, time
-from pathlib import Path
-sys.path.insert(0, {src!r})
-from yt8m_qrnn.io import hold_workspace
-held = hold_workspace(Path("resources/locks"), "snakemake", dvc_dir=Path(".dvc"))
-Path("held").touch()
-time.sleep(60)
-"""
-
-
-def test_a_stage_fails_at_once_while_an_orchestrator_holds_the_workspace(indexed_data, capsys, monkeypatch):
-    """io.hold_workspace, for Snakemake's onstart (the proposed Snakefile change): stages outside it fail cleanly."""
-    root, _ = indexed_data
-    monkeypatch.setenv(WORKSPACE_ENV, "")  # restored (unset) after the test
-    monkeypatch.delenv(WORKSPACE_ENV)
-    holder = subprocess.Popen([sys.executable, "-c", HOLD_WORKSPACE.format(src=str(REPO / "src"))], cwd=root)
-    try:
-        wait_for(lambda: (root / "held").exists(), 30, "the orchestrator to hold the workspace")
-        code, err = run_cli(capsys, "index")
-        assert code == 1
-        assert error_line(err).startswith("error: another pipeline run is using this workspace "
-                                          f"(resources/locks/workspace.lock: held by pid {holder.pid} (")
-        assert not Path("results/index").exists()
-        import zc.lockfile  # DVC's repo lock: `dvc repro` cannot start either
-
-        with pytest.raises(zc.lockfile.LockError):
-            zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
-        monkeypatch.setenv(WORKSPACE_ENV, "snakemake (pid 1)")  # a job of that orchestrator runs
-        assert run_cli(capsys, "index")[0] == 0
-    finally:
-        holder.kill()
-        holder.wait()
-
-
-def test_an_orchestrator_cannot_take_the_workspace_while_a_stage_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv(WORKSPACE_ENV, "")  # restored (unset) after the test
-    monkeypatch.delenv(WORKSPACE_ENV)
-    with workspace_shared(tmp_path / "locks", "stage index"):
-        with pytest.raises(WorkspaceBusy, match=r"another pipeline run is using this workspace \(.*workspace.lock: "):
-            hold_workspace(tmp_path / "locks", "snakemake")
-    held = hold_workspace(tmp_path / "locks", "snakemake")
-    assert os.environ[WORKSPACE_ENV].startswith("snakemake (pid ")
-    for handle in held:
-        handle.close()
 
 
 # ---------------------------------------------------------------- orchestrators: killed, failing, both at once

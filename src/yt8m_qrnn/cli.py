@@ -6,9 +6,7 @@ A stage run
    exclusive), so two runs at once (Snakemake and DVC on one workspace, or a rerun
    beside a job orphaned by a killed orchestrator) never write the same outputs
    together, nor read outputs while they are rewritten: the later one waits, saying
-   for what and for whom (YT8M_LOCK_TIMEOUT=seconds bounds the wait). Outside an
-   orchestrator that holds the whole workspace (io.hold_workspace) it also shares
-   the workspace lock, and fails at once while such an orchestrator runs;
+   for what and for whom (YT8M_LOCK_TIMEOUT=seconds bounds the wait);
 3. runs the stage; if it fails, removes the stage's outputs before releasing its
    locks (every output is written under a temporary name and renamed, so none is
    ever partial; after a failure none is left at all), prints one line
@@ -17,6 +15,7 @@ A stage run
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -24,7 +23,7 @@ import sys
 
 from . import stages as pipeline
 from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
-from .io import resource_locks, workspace_shared
+from .io import resource_locks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -45,17 +44,11 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
         if takes_model and args.model not in params["models"]:
             raise ParamsError(f"{args.params}: models: no model named {args.model!r} (defined: {', '.join(params['models'])})")
         model = args.model if takes_model else None
-        reads, writes = pipeline.locks(name, model, params)
-        owner = f"stage {name}" + (f"@{model}" if model else "")
-        with workspace_shared(pipeline.LOCK_DIR, owner), resource_locks(pipeline.LOCK_DIR, reads, writes, owner=owner):
-            try:
-                sync_params_stamp(params, name, model)
-                if "DVC_STAGE" in os.environ:
-                    forget_snakemake_benchmark(name, model)
-                stage(params, model) if takes_model else stage(params)
-            except BaseException:
-                _remove_outputs(name, model)
-                raise
+        with guarded(name, model, params):
+            sync_params_stamp(params, name, model)
+            if "DVC_STAGE" in os.environ:
+                forget_snakemake_benchmark(name, model)
+            stage(params, model) if takes_model else stage(params)
     except EXPECTED_ERRORS as err:
         fail(str(err))
     except Exception as err:
@@ -65,6 +58,20 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
         fail((located or f"a shard is corrupted: {_first_line(str(err))}")
              + "; the shards changed after they were indexed: run the fetch stage again "
                "(dvc repro, or snakemake --forcerun fetch)")
+
+
+@contextlib.contextmanager
+def guarded(stage: str, item: str | None, params: dict):
+    """The stage's locks (stages.locks) for the block; if the block fails, the stage's
+    outputs are removed before the locks are released."""
+    reads, writes = pipeline.locks(stage, item, params)
+    owner = f"stage {stage}" + (f"@{item}" if item else "")
+    with resource_locks(pipeline.LOCK_DIR, reads, writes, owner=owner):
+        try:
+            yield
+        except BaseException:
+            _remove_outputs(stage, item)
+            raise
 
 
 def fail(message: str) -> None:

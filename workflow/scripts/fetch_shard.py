@@ -16,9 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 from yt8m_qrnn import stages  # noqa: E402
-from yt8m_qrnn.cli import EXPECTED_ERRORS, fail  # noqa: E402
+from yt8m_qrnn.cli import EXPECTED_ERRORS, fail, guarded  # noqa: E402
 from yt8m_qrnn.config import load_params  # noqa: E402
-from yt8m_qrnn.io import resource_locks, workspace_shared  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -32,15 +31,8 @@ def main(argv=None) -> None:
     stage, shard = ("fetch_plan", None) if args.plan else ("fetch_shard", args.shard)
     try:
         params = load_params(args.params)
-        reads, writes = stages.locks(stage, shard, params)  # also checks the shard's name
-        owner = f"stage {stage}" + (f"@{shard}" if shard else "")
-        with workspace_shared(stages.LOCK_DIR, owner), resource_locks(stages.LOCK_DIR, reads, writes, owner=owner):
-            try:
-                stages.fetch_plan(params) if args.plan else stages.fetch_shard(params, shard)
-            except BaseException:
-                for path in stages.remove_outputs(stage, shard):
-                    logging.getLogger("yt8m_qrnn").info("removed the output of the failed stage: %s", path)
-                raise
+        with guarded(stage, shard, params):  # stages.locks also checks the shard's name
+            stages.fetch_plan(params) if args.plan else stages.fetch_shard(params, shard)
     except EXPECTED_ERRORS as err:
         fail(str(err))
 
