@@ -56,6 +56,7 @@ import numpy as np
 
 from .config import NUM_CLASSES, stage_params
 from .io import atomic_path, write_json
+from .machine import cpu_model
 
 OUT_DIR = Path("results/bench")
 DATA_ROOT = Path("resources/yt8m")
@@ -225,16 +226,6 @@ def environment() -> dict:
         "python_executable": sys.executable,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 # ---------------------------------------------------------------- timing

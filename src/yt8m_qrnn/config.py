@@ -40,6 +40,11 @@ def load_params(path: str | Path = "params.yaml") -> dict:
     return params
 
 
+# The input level each model kind needs (None: either; the QRNN runs over frames or over the video vector).
+KIND_LEVELS = {"logistic": "video", "moe": "video", "frame_logistic": "frame", "lstm": "frame", "dbof": "frame",
+               "qrnn": None}
+
+
 def validate_params(params: dict, source: str = "params.yaml") -> None:
     schema = yaml.safe_load(SCHEMA_PATH.read_text())
     validator = jsonschema.Draft202012Validator(schema)
@@ -108,10 +113,9 @@ def _check_cross_references(params: dict, source: str) -> None:
             if too_many:
                 raise ParamsError(f"{source}: data.shards.{split}: selects more shards than the {available} generated")
     for name, model in params["models"].items():
-        if model["kind"] in ("lstm", "frame_logistic", "dbof") and model["level"] != "frame":
-            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'frame'")
-        if model["kind"] in ("logistic", "moe") and model["level"] != "video":
-            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level 'video'")
+        needed = KIND_LEVELS[model["kind"]]
+        if needed is not None and model["level"] != needed:
+            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level {needed!r}")
         if model["level"] not in data["levels"]:
             raise ParamsError(f"{source}: models.{name}.level: {model['level']!r} is not fetched (data.levels: {data['levels']})")
 

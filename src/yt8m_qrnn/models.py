@@ -42,6 +42,7 @@ import math
 import keras
 from keras import layers, ops
 
+from .config import KIND_LEVELS
 from .qrnn import QRNNStack
 
 FEATURE_DIM = 1152
@@ -376,15 +377,13 @@ BUILDERS = {
     "dbof": build_dbof,
     "qrnn": build_qrnn,
 }
-LEVELS = {"logistic": "video", "moe": "video", "frame_logistic": "frame", "lstm": "frame", "dbof": "frame",
-          "qrnn": None}
 
 
 def build_model(name: str, cfg: dict, num_classes: int) -> keras.Model:
     kind = cfg["kind"]
     if kind not in BUILDERS:
         raise ValueError(f"models.{name}.kind: {kind!r} is not implemented (available: {', '.join(BUILDERS)})")
-    needed = LEVELS[kind]
+    needed = KIND_LEVELS[kind]
     if needed is not None and cfg["level"] != needed:
         raise ValueError(f"models.{name}.level: kind {kind} needs level {needed!r}")
     inputs, predictions = BUILDERS[kind](cfg, num_classes)

@@ -28,6 +28,7 @@ import pandas as pd
 import yaml
 
 from .io import atomic_path, write_text
+from .machine import cpu_model
 
 REFERENCE = Path(__file__).with_name("paper_numbers.yaml")
 GENERATED_BANNER = (
@@ -923,16 +924,6 @@ def package_versions() -> str:
         except metadata.PackageNotFoundError:
             pass
     return f"Python {platform.python_version()}; " + ", ".join(versions)
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def memory_total() -> str:
