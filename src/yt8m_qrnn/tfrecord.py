@@ -10,7 +10,7 @@ import struct
 from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
-import google_crc32c
+import crc32c as _crc32c
 import numpy as np
 
 HEADER = struct.Struct("<QI")
@@ -52,7 +52,7 @@ class CorruptRecordError(RecordError):
 
 
 def masked_crc(data: bytes) -> int:
-    crc = google_crc32c.value(data)
+    crc = _crc32c.crc32c(data)
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32
 
 
@@ -65,7 +65,7 @@ def scan_buffer(buf: bytes, verify: bool = True) -> Iterator[tuple[int, bytes | 
     resumes at the next offset holding a whole valid record. Truncation ends it.
     """
     size = len(buf)
-    unpack_header, unpack_footer, crc32c = HEADER.unpack_from, FOOTER.unpack_from, google_crc32c.value
+    unpack_header, unpack_footer, crc32c = HEADER.unpack_from, FOOTER.unpack_from, _crc32c.crc32c
     pos = 0
     while pos < size:
         if size - pos < HEADER_SIZE:
@@ -177,7 +177,7 @@ def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> boo
     words[data_crc_at] = ~_unmask(stored_data_crcs)
     try:
         span = buf[offsets[0]:data_crc_at[-1] + FOOTER_SIZE]
-        return google_crc32c.extend(_U32, span) == _U32  # extend from _U32 starts the register at 0
+        return _crc32c.crc32c(span, _U32) == _U32  # continuing from _U32 starts the register at 0
     finally:
         words[offsets] ^= _U32
         words[data_at] ^= _U32
