@@ -32,7 +32,7 @@ for name, cfg in CONFIGS.items():
     if cfg["level"] == "video":
         x = {"features": rng.normal(size=(BATCH, 1152)).astype("float32")}
     else:
-        x = {"features": rng.normal(size=(BATCH, FRAMES, 1152)).astype("float32"),
+        x = {"features": rng.integers(0, 256, size=(BATCH, FRAMES, 1152), dtype=np.uint8),
              "num_frames": np.array([6, 1, 3, 5], "int32")}
     y = (rng.uniform(size=(BATCH, CLASSES)) < 0.3).astype("float32")
     before = [keras.ops.convert_to_numpy(w).copy() for w in model.trainable_weights]

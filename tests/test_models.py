@@ -22,6 +22,7 @@ from yt8m_qrnn.models import (
     starter_cross_entropy,
     trainable_parameter_count,
 )
+from yt8m_qrnn.quantization import dequantize
 
 C = 3862  # YouTube-8M 2018
 D = FEATURE_DIM
@@ -254,10 +255,26 @@ def test_weight_penalty_is_slim_l2_regularizer():
     np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
 
 
+def quantized(rng, shape) -> np.ndarray:
+    return rng.integers(0, 256, size=shape, dtype=np.uint8)
+
+
+def test_frame_models_dequantize_the_stored_bytes_and_zero_the_padding():
+    model = build_model("m", {"kind": "frame_logistic", "level": "frame"}, 11)
+    q = quantized(np.random.default_rng(8), (2, 4, D))
+    lengths = np.array([4, 1], "int32")
+    mask = model.get_layer("frame_mask")(q, lengths)
+    got = keras.ops.convert_to_numpy(model.get_layer("dequantize")(q, mask))
+    np.testing.assert_allclose(got[0], q[0] * 4.0 / 255.0 + 4.0 / 512.0 - 2.0, atol=1e-6)  # the starter's Dequantize
+    np.testing.assert_allclose(got[1, :1], dequantize(q[1, :1]), atol=0)
+    assert not got[1, 1:].any()
+
+
 def test_frame_logistic_averages_the_real_frames_only():
     rng = np.random.default_rng(3)
     model = build_model("m", {"kind": "frame_logistic", "level": "frame"}, 11)
-    frames = rng.normal(size=(2, 6, D)).astype("float32")
+    q = quantized(rng, (2, 6, D))
+    frames = dequantize(q)
     lengths = np.array([6, 2], "int32")
     dense = model.get_layer("logistic")
     kernel, bias = (keras.ops.convert_to_numpy(w) for w in dense.weights)
@@ -265,7 +282,7 @@ def test_frame_logistic_averages_the_real_frames_only():
     normalized[1, 2:] = 0.0
     mean = normalized.sum(1) / lengths[:, None]  # the starter: sum over zero-padded frames / num_frames
     expected = sigmoid(mean @ kernel + bias)
-    got = model({"features": frames, "num_frames": lengths})
+    got = model({"features": q, "num_frames": lengths})
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -281,12 +298,12 @@ FRAME_MODELS = [
 def test_padding_frames_change_nothing(cfg):
     rng = np.random.default_rng(4)
     model = build_model("m", cfg, 13)
-    frames = rng.normal(size=(3, 7, D)).astype("float32")
+    frames = quantized(rng, (3, 7, D))
     lengths = np.array([5, 3, 1], "int32")
     garbage = frames.copy()
-    garbage[np.arange(7)[None, :] >= lengths[:, None]] = 5.0
+    garbage[np.arange(7)[None, :] >= lengths[:, None]] = 200
     clean = frames.copy()
-    clean[np.arange(7)[None, :] >= lengths[:, None]] = 0.0
+    clean[np.arange(7)[None, :] >= lengths[:, None]] = 0
     a = model({"features": garbage, "num_frames": lengths})
     b = model({"features": clean, "num_frames": lengths})
     c = model({"features": clean[:, :5], "num_frames": lengths})  # less padding, same videos
@@ -317,7 +334,7 @@ def test_dbof_structure_is_the_starters():
     assert all(layer.momentum == 0.999 and layer.epsilon == 1e-3 and layer.center and layer.scale for layer in bns)
     assert not model.get_layer("cluster").use_bias and not model.get_layer("hidden1").use_bias
     assert model.get_layer("cluster_relu6").activation.__name__ == "relu6"
-    frames = np.ones((2, 9, D), "float32")  # identical frames: sampling cannot matter
+    frames = np.full((2, 9, D), 170, "uint8")  # identical frames: sampling cannot matter
     a = model({"features": frames, "num_frames": np.array([9, 4], "int32")})
     b = model({"features": frames, "num_frames": np.array([2, 1], "int32")})
     np.testing.assert_allclose(a, b, atol=1e-6)
@@ -361,8 +378,8 @@ def test_keras_file_round_trip(cfg, tmp_path):
     if cfg["level"] == "video":
         inputs = {"features": rng.normal(size=(3, D)).astype("float32")}
     else:  # identical frames keep the DBoF sampling out of the comparison
-        frames = np.repeat(rng.normal(size=(3, 1, D)), 5, axis=1).astype("float32") if cfg["kind"] == "dbof" \
-            else rng.normal(size=(3, 5, D)).astype("float32")
+        frames = np.repeat(quantized(rng, (3, 1, D)), 5, axis=1) if cfg["kind"] == "dbof" \
+            else quantized(rng, (3, 5, D))
         inputs = {"features": frames, "num_frames": np.array([5, 2, 4], "int32")}
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras", compile=False)

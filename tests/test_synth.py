@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from yt8m_qrnn.synth import ALPHABET, dequantize, generate_mirror, quantize
+from yt8m_qrnn.quantization import dequantize, quantize
+from yt8m_qrnn.synth import ALPHABET, generate_mirror
 
 SMALL = {"seed": 3, "num_events": 5, "min_frames": 6, "max_frames": 12, "noise": 0.3,
          "splits": {"train": [2, 30], "validate": [1, 20], "test": [1, 10]}}

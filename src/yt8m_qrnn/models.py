@@ -7,7 +7,8 @@ What each model is, faithful to the starter (video_level_models.py, frame_level_
 losses.py, train.py of google/youtube-8m, 2018) and its flag defaults:
 
 - inputs: tf.nn.l2_normalize over the feature axis: per video (video level) or per
-  frame (frame level; padding frames are zeros and stay zeros);
+  frame (frame level: the stored uint8 frames, dequantized in the model; padding
+  frames are zeros and stay zeros);
 - logistic (LogisticModel): one dense layer to num_classes sigmoid outputs;
 - moe (MoeModel, --moe_num_mixtures=2): gates dense without bias -> softmax over
   num_mixtures + 1 per class (the last one a dummy expert that always says 0);
@@ -43,6 +44,7 @@ import keras
 from keras import layers, ops
 
 from .config import KIND_LEVELS
+from .quantization import BIAS, SCALE
 from .qrnn import QRNNStack
 
 FEATURE_DIM = 1152
@@ -74,6 +76,19 @@ class FrameMask(layers.Layer):
     def call(self, features, num_frames):
         steps = ops.arange(ops.shape(features)[1], dtype="int32")
         return ops.expand_dims(steps, 0) < ops.expand_dims(ops.cast(num_frames, "int32"), 1)
+
+
+@keras.saving.register_keras_serializable(package="yt8m_qrnn")
+class Dequantize(layers.Layer):
+    """Stored uint8 frames [B, T, D] -> q * 4/255 + 4/512 - 2 (the starter's Dequantize), zero where mask is False.
+
+    Done here rather than in the input pipeline: uint8 batches are a quarter of the
+    bytes to build, copy and send to the device.
+    """
+
+    def call(self, frames, mask):
+        values = ops.cast(frames, "float32") * SCALE + BIAS
+        return ops.cast(values * ops.expand_dims(ops.cast(mask, "float32"), -1), self.compute_dtype)
 
 
 @keras.saving.register_keras_serializable(package="yt8m_qrnn")
@@ -294,10 +309,12 @@ def _video_input():
 
 
 def _frame_input():
-    features = keras.Input((None, FEATURE_DIM), name="features")
+    """Inputs as the pipeline gives them: quantized frames (uint8, zero bytes after each video) and num_frames."""
+    features = keras.Input((None, FEATURE_DIM), dtype="uint8", name="features")
     num_frames = keras.Input((), dtype="int32", name="num_frames")
     mask = FrameMask(name="frame_mask")(features, num_frames)
-    return {"features": features, "num_frames": num_frames}, L2Normalize(name="l2_normalize")(features), mask
+    frames = Dequantize(name="dequantize")(features, mask)
+    return {"features": features, "num_frames": num_frames}, L2Normalize(name="l2_normalize")(frames), mask
 
 
 def build_logistic(cfg, num_classes):

@@ -22,21 +22,13 @@ from pathlib import Path
 
 import numpy as np
 
+from .quantization import dequantize, quantize
+
 RGB_DIM, AUDIO_DIM = 1024, 128
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 PROTOTYPE_SCALE = 0.5
 EVENTS_PER_VIDEO = (2, 3)
-
-
-def quantize(values: np.ndarray) -> np.ndarray:
-    """Inverse of the YouTube-8M dequantization q*4/255 + 4/512 - 2."""
-    q = np.rint((values + 2.0 - 4.0 / 512) * 255.0 / 4.0)
-    return np.clip(q, 0, 255).astype(np.uint8)
-
-
-def dequantize(q: np.ndarray) -> np.ndarray:
-    return q.astype(np.float32) * (4.0 / 255.0) + (4.0 / 512.0) - 2.0
 
 
 def shard_code(index: int) -> str:

@@ -1,0 +1,19 @@
+"""The YouTube-8M frame quantization: features stored as uint8 q, read as q * SCALE + BIAS.
+
+The starter code's Dequantize(max=2, min=-2): scale (max - min) / 255, bias (max - min) / 512 + min.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+SCALE = 4.0 / 255.0
+BIAS = 4.0 / 512.0 - 2.0
+
+
+def dequantize(q: np.ndarray) -> np.ndarray:
+    return q.astype(np.float32) * np.float32(SCALE) + np.float32(BIAS)
+
+
+def quantize(values: np.ndarray) -> np.ndarray:
+    """The uint8 q whose dequantized value is nearest to each of `values` (clipped to 0..255)."""
+    return np.clip(np.rint((values - BIAS) / SCALE), 0, 255).astype(np.uint8)
