@@ -1,9 +1,11 @@
-"""tf.data input pipelines over the index: parse, dequantize, pad, batch.
+"""tf.data input pipelines over the index: read, shuffle, parse in batches, pad.
 
-Video level yields features [B, 1152]; frame level yields features [B, T, 1152]
-with T the longest video selected (at most max_frames), so every batch has the same
-static shape, and num_frames [B]. Padding frames are zeros (after dequantization),
-as the starter's resize_axis gives. Labels are dense multi-hot [B, num_classes].
+Video level yields features [B, 1152] float32; frame level yields the stored
+quantized frames, uint8 [B, T, 1152], with T the longest video selected (at most
+max_frames), so every batch has the same static shape, and num_frames [B]. Padding
+frames are zero bytes; the models dequantize on the device (models.Dequantize) and
+zero the padding there, as the starter's resize_axis does after dequantization.
+Labels are dense multi-hot [B, num_classes].
 
 Two entry points:
 - make_dataset: one pass over some index rows (evaluation, prediction);
@@ -13,9 +15,11 @@ Two entry points:
   uninterrupted run would have seen from that point on.
 
 Records are read shard by shard (interleaved, files in a shuffled order for
-training), parsed and dequantized in parallel, filtered to the selected ids (the
-index splits a shard's videos between train and eval by id), shuffled through a
-buffer, padded into batches and prefetched.
+training), shuffled as serialized records through a buffer, then parsed a batch at
+a time (one parse_example / parse_sequence_example call per batch, batches in
+parallel): per-record parsing and float32 frames cost most of the time before.
+Each parsed batch keeps only the selected ids (the index splits a shard's videos
+between train and eval by id) and the batches are cut again to batch_size.
 """
 from __future__ import annotations
 
@@ -26,10 +30,13 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from .quantization import BIAS, SCALE
+
 RGB_DIM, AUDIO_DIM = 1024, 128
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
 MAX_FRAMES = 300
-SHUFFLE_BUFFER = 4096
+# the starter's shuffle_batch_join capacity: 5 batches (a larger buffer also falls out of the CPU caches)
+SHUFFLE_BATCHES = 5
 INTERLEAVE_CYCLE = 4
 # Epoch e of a run with seed s shuffles with seed s * EPOCH_SEED_STRIDE + e.
 EPOCH_SEED_STRIDE = 1_000_003
@@ -41,15 +48,18 @@ def id_key(version: int) -> str:
 
 def dequantize(q: tf.Tensor) -> tf.Tensor:
     """The starter's Dequantize(max=2, min=-2): q * 4/255 + 4/512 - 2."""
-    return tf.cast(q, tf.float32) * (4.0 / 255.0) + (4.0 / 512.0 - 2.0)
+    return tf.cast(q, tf.float32) * SCALE + BIAS
 
 
-def _multi_hot(labels: tf.Tensor, num_classes: int) -> tf.Tensor:
-    labels = tf.cast(labels, tf.int32)
-    return tf.scatter_nd(tf.expand_dims(labels, 1), tf.ones_like(labels, tf.float32), [num_classes])
+def _multi_hot(labels: tf.SparseTensor, num_classes: int) -> tf.Tensor:
+    """[batch, num_classes] float32 from the VarLen labels of a batch."""
+    at = tf.stack([labels.indices[:, 0], labels.values], axis=1)
+    hot = tf.scatter_nd(at, tf.ones_like(labels.values, tf.float32), [labels.dense_shape[0], num_classes])
+    return tf.ensure_shape(hot, [None, num_classes])
 
 
-def video_parser(version: int, num_classes: int):
+def video_batch_parser(version: int, num_classes: int):
+    """serialized Examples [n] -> (ids [n], features [n, 1152] float32, num_frames [n] (ones), labels [n, C])."""
     spec = {
         id_key(version): tf.io.FixedLenFeature([], tf.string),
         "labels": tf.io.VarLenFeature(tf.int64),
@@ -57,35 +67,41 @@ def video_parser(version: int, num_classes: int):
         "mean_audio": tf.io.FixedLenFeature([AUDIO_DIM], tf.float32),
     }
 
-    def parse(record):
-        ex = tf.io.parse_single_example(record, spec)
-        features = tf.concat([ex["mean_rgb"], ex["mean_audio"]], axis=0)
-        labels = _multi_hot(ex["labels"].values, num_classes)
-        return ex[id_key(version)], features, tf.constant(1, tf.int32), labels
+    def parse(records):
+        ex = tf.io.parse_example(records, spec)
+        features = tf.concat([ex["mean_rgb"], ex["mean_audio"]], axis=1)
+        return (ex[id_key(version)], features, tf.ones_like(records, tf.int32),
+                _multi_hot(ex["labels"], num_classes))
 
     return parse
 
 
-def frame_parser(version: int, num_classes: int, max_frames: int):
+def frame_batch_parser(version: int, num_classes: int, frames: int):
+    """serialized SequenceExamples [n] -> (ids [n], quantized frames [n, frames, 1152] uint8 (the first
+    `frames` of each video, zero bytes after its end), num_frames [n], labels [n, C])."""
     context = {id_key(version): tf.io.FixedLenFeature([], tf.string), "labels": tf.io.VarLenFeature(tf.int64)}
     sequence = {
         "rgb": tf.io.FixedLenSequenceFeature([], tf.string),
         "audio": tf.io.FixedLenSequenceFeature([], tf.string),
     }
 
-    def parse(record):
-        ctx, seq = tf.io.parse_single_sequence_example(record, context_features=context, sequence_features=sequence)
-        rgb = tf.reshape(tf.io.decode_raw(seq["rgb"], tf.uint8), [-1, RGB_DIM])[:max_frames]
-        audio = tf.reshape(tf.io.decode_raw(seq["audio"], tf.uint8), [-1, AUDIO_DIM])[:max_frames]
-        features = dequantize(tf.concat([rgb, audio], axis=1))
-        labels = _multi_hot(ctx["labels"].values, num_classes)
-        return ctx[id_key(version)], features, tf.shape(features)[0], labels
+    def parse(records):
+        ctx, seq, lengths = tf.io.parse_sequence_example(records, context_features=context,
+                                                         sequence_features=sequence)
+        # frames past a video's end are empty strings, which decode to zero bytes
+        rgb = tf.io.decode_raw(seq["rgb"][:, :frames], tf.uint8, fixed_length=RGB_DIM)
+        audio = tf.io.decode_raw(seq["audio"][:, :frames], tf.uint8, fixed_length=AUDIO_DIM)
+        features = tf.concat([rgb, audio], axis=2)
+        features = tf.pad(features, [[0, 0], [0, frames - tf.shape(features)[1]], [0, 0]])
+        features = tf.ensure_shape(features, [None, frames, FEATURE_DIM])
+        num_frames = tf.minimum(tf.cast(lengths["rgb"], tf.int32), frames)
+        return ctx[id_key(version)], features, num_frames, _multi_hot(ctx["labels"], num_classes)
 
     return parse
 
 
 class _Pipeline:
-    """What every pass over a set of index rows shares: files, parser, id filter, padding."""
+    """What every pass over a set of index rows shares: files, parser, id filter, batch layout."""
 
     def __init__(self, data_root: Path, rows: pd.DataFrame, level: str, version: int, num_classes: int,
                  batch_size: int, max_frames: int, with_ids: bool):
@@ -93,20 +109,26 @@ class _Pipeline:
         if rows.empty:
             raise ValueError(f"no {level}-level videos in the selected index rows")
         self.level, self.batch_size, self.with_ids = level, batch_size, with_ids
-        self.num_rows = len(rows)
         self.files = [str(Path(data_root) / s) for s in sorted(rows["shard"].unique())]
         self.wanted = tf.lookup.StaticHashTable(
             tf.lookup.KeyValueTensorInitializer(tf.constant(rows["id"].astype(str).to_numpy()),
                                                 tf.ones(len(rows), tf.int32)),
             default_value=0,
         )
-        self.frames = int(min(max_frames, rows["num_frames"].max()))
-        self.parse = video_parser(version, num_classes) if level == "video" else \
-            frame_parser(version, num_classes, self.frames)
         # a fixed time length (the longest video selected) gives every batch the same static shape
-        feature_shape = [FEATURE_DIM] if level == "video" else [self.frames, FEATURE_DIM]
-        inputs_shape = {"features": feature_shape} | ({"num_frames": []} if level == "frame" else {})
-        self.padded_shapes = ([], inputs_shape, [num_classes]) if with_ids else (inputs_shape, [num_classes])
+        self.frames = int(min(max_frames, rows["num_frames"].max()))
+        self.parse = video_batch_parser(version, num_classes) if level == "video" else \
+            frame_batch_parser(version, num_classes, self.frames)
+
+    def _selected_batch(self, records):
+        """A batch of serialized records, parsed, without the videos that are not selected, laid out."""
+        vid, features, num_frames, labels = self.parse(records)
+        keep = self.wanted.lookup(vid) > 0
+        vid, features, num_frames, labels = (tf.boolean_mask(t, keep) for t in (vid, features, num_frames, labels))
+        inputs = {"features": features}
+        if self.level == "frame":
+            inputs["num_frames"] = num_frames
+        return (vid, inputs, labels) if self.with_ids else (inputs, labels)
 
     def one_pass(self, seed=None) -> tf.data.Dataset:
         """Batches of every selected video once; shuffled (files and a buffer) when seed is given."""
@@ -116,21 +138,11 @@ class _Pipeline:
         # deterministic everywhere: the order is then a function of the seed alone
         ds = files.interleave(tf.data.TFRecordDataset, cycle_length=min(INTERLEAVE_CYCLE, len(self.files)),
                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        ds = ds.map(self.parse, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        wanted = self.wanted
-        ds = ds.filter(lambda vid, *_: wanted.lookup(vid) > 0)
         if seed is not None:
-            ds = ds.shuffle(min(self.num_rows, SHUFFLE_BUFFER), seed=seed)
-        level, with_ids = self.level, self.with_ids
-
-        def arrange(vid, features, num_frames, labels):
-            inputs = {"features": features}
-            if level == "frame":
-                inputs["num_frames"] = num_frames
-            return (vid, inputs, labels) if with_ids else (inputs, labels)
-
-        ds = ds.map(arrange, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        return ds.padded_batch(self.batch_size, padded_shapes=self.padded_shapes)
+            ds = ds.shuffle(SHUFFLE_BATCHES * self.batch_size, seed=seed)
+        ds = ds.batch(self.batch_size).map(self._selected_batch, num_parallel_calls=tf.data.AUTOTUNE,
+                                           deterministic=True)
+        return ds.rebatch(self.batch_size)
 
 
 def make_dataset(
