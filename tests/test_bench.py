@@ -128,7 +128,7 @@ def test_report_section_renders_from_the_run(tiny_run):
     text = "\n".join(bench_section(root / "results"))
     assert "## 6. QRNN speed" in text and "![QRNN vs LSTM speed](bench/speedup.png)" in text
     assert "| batch \\ length | 4 | 7 |" in text
-    assert "| parse and dequantize alone" in text and "| training stream" in text
+    assert "| parse and decode alone" in text and "| training stream" in text
 
 
 @pytest.mark.parametrize("recurrence", list(LINEAR_RECURRENCES))

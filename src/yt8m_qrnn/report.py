@@ -719,18 +719,22 @@ def bench_section(results: Path) -> list[str]:
             markdown_table(pd.DataFrame([row for row in [
                 {"Read": "raw `tf.data.TFRecordDataset` of the files", "Videos/s": fmt_rate(raw["videos_per_s"]),
                  "MB/s": fmt_rate(raw["mb_per_s"]), "Frames/s": fmt_rate(raw["frames_per_s"])},
-                {"Read": "parse and dequantize alone (`yt8m_qrnn.data.frame_parser`, in parallel)",
+                {"Read": "parse and decode alone (`yt8m_qrnn.data.frame_batch_parser`, batches in parallel)",
                  "Videos/s": fmt_rate(pipeline["parse_only"]["videos_per_s"]),
                  "MB/s": fmt_rate(pipeline["parse_only"]["mb_per_s"]),
                  "Frames/s": fmt_rate(pipeline["parse_only"]["frames_per_s"])} if "parse_only" in pipeline else None,
-                {"Read": "training stream (`yt8m_qrnn.data`: parse, dequantize, shuffle, pad, batch)",
+                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, parse, decode, pad, select, batch)",
                  "Videos/s": fmt_rate(stream["videos_per_s"]), "MB/s": fmt_rate(stream["mb_per_s"]),
                  "Frames/s": fmt_rate(stream["frames_per_s"])},
             ] if row is not None])),
             "",
-            f"{pipeline['videos']:,} videos ({pipeline['frames']:,} frames, {pipeline['bytes'] / 1e6:.1f} MB) in "
-            f"{len(pipeline['files'])} frame-level shard(s), {pipeline['source']}; batch {pipeline['batch_size']}; "
-            f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate.",
+            f"{pipeline['videos']:,} videos ({pipeline['frames']:,} frames, {pipeline['bytes'] / 1e6:.1f} MB) read "
+            f"from {len(pipeline['files'])} frame-level shard(s) in {pipeline.get('epochs', 1)} pass(es), "
+            f"{pipeline['source']}; batch {pipeline['batch_size']}; the stream yields uint8 frames, dequantized by "
+            "the models; "
+            f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate"
+            + (f"; each epoch of the stream starts {1e3 * stream['first_batch_s']:.0f} ms before its first batch "
+               "(included above)." if "first_batch_s" in stream else "."),
             "",
         ]
     except (KeyError, TypeError, ValueError) as err:
