@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--generated", action="store_true", help="use generated shards even if real ones exist")
     parser.add_argument("--level", choices=["video", "frame"], default="video", help="level of generated shards")
     parser.add_argument("--repeat", type=int, default=7)
-    parser.add_argument("--workers", type=int, default=None, help="index processes (default: the index's own choice)")
+    parser.add_argument("--workers", type=int, default=None, help="index threads (default: the index's own choice)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
 
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
           f"({result['cpus']} cpus, load average {result['load_average'][0]:.2f})")
     print(f"  import yt8m_qrnn.index (TensorFlow protobuf classes): {import_seconds:.2f} s, once per process")
     for name, key in (("raw sequential read, 8 MB blocks", "raw_read"), ("index, default workers", "index"),
-                      ("index, 1 process", "index_serial")):
+                      ("index, 1 thread", "index_serial")):
         print(f"  {name:34s} best {result[key]['best_mb_s']:8.1f} MB/s   median {result[key]['median_mb_s']:8.1f} MB/s")
     print(f"  index / raw read: best {result['index_over_raw_best']:.2f}, median {result['index_over_raw_median']:.2f}")
     if args.out:

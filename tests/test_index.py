@@ -1,19 +1,24 @@
 """Tests of tfrecord framing and the index stage, on generated shards and (when present) real ones."""
 from __future__ import annotations
 
+import itertools
 import json
 import string
+import threading
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
-from tensorflow.core.example import example_pb2
+from tensorflow.core.example import example_pb2, feature_pb2
 
+from yt8m_qrnn import fastparse
 from yt8m_qrnn import index as ix
+from yt8m_qrnn.config import NUM_CLASSES
 from yt8m_qrnn.tfrecord import (
-    CorruptRecordError, RecordError, iter_records, read_record_at, scan_buffer, write_records,
+    CorruptRecordError, RecordError, crcs_match, iter_records, read_record_at, record_layout, scan_buffer,
+    write_records,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m"
@@ -149,6 +154,22 @@ def test_iter_records_without_verification_ignores_crcs(tmp_path):
         list(iter_records(path))
 
 
+@pytest.mark.parametrize("sizes", [[0, 1, 2, 3, 4, 5, 0], [300] * 12, [0] * 6])
+def test_crcs_match_checks_every_byte_and_restores_the_buffer(tmp_path, sizes):
+    rng = np.random.default_rng(len(sizes))
+    path = tmp_path / "a.tfrecord"
+    write_records(path, [rng.bytes(size) for size in sizes])
+    raw = np.frombuffer(path.read_bytes(), np.uint8)
+    buf = np.concatenate([raw, np.zeros(8, np.uint8)])
+    assert crcs_match(buf, *record_layout(memoryview(buf), 0, len(raw)))
+    assert (buf[:len(raw)] == raw).all()
+    for pos in rng.choice(len(raw), min(len(raw), 60), replace=False):  # lengths, data and both crcs alike
+        damaged = buf.copy()
+        damaged[pos] ^= 1 << int(rng.integers(8))
+        layout = record_layout(memoryview(damaged), 0, len(raw))
+        assert layout is None or not crcs_match(damaged, *layout), pos
+
+
 def test_errors_pickle_with_their_location():
     import pickle
 
@@ -225,6 +246,115 @@ def test_parse_ignores_the_empty_field_2_of_real_2018_records():
     assert ix.parse_video_record(video_record("ab", [1]) + b"\x12\x00", 2, "video") == ("ab", [1], 1)
 
 
+# ---------------------------------------------------------------- the fast path (fastparse)
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    return bytes(out + bytes([value]))
+
+
+def _field(tag: int, payload: bytes) -> bytes:
+    return bytes([tag]) + _varint(len(payload)) + payload
+
+
+def _entry(key: str, kind: str, values) -> bytes:
+    """One serialized Features map entry."""
+    features = feature_pb2.Features()
+    getattr(features.feature[key], kind).value.extend(values)
+    return features.SerializeToString()
+
+
+def _fast(records: list[bytes], level: str, version: int = 2) -> dict[int, tuple]:
+    """What fastparse recognises among records laid out as in a batch: {record number: (id, labels, frames)}."""
+    buf, starts = bytearray(), []
+    for data in records:
+        buf += bytes(12)  # where the TFRecord header would be
+        starts.append(len(buf))
+        buf += data + bytes(4)
+    buf = np.frombuffer(bytes(buf + bytes(fastparse.PADDING)), np.uint8).copy()
+    recognise = fastparse.video_records if level == "video" else fastparse.frame_records
+    parsed = recognise(buf, np.array(starts, np.int64), np.array([len(d) for d in records], np.int64),
+                       ix._entry_table(version, level), NUM_CLASSES[version])
+    id_ends, label_ends = np.cumsum(parsed.id_sizes), np.cumsum(parsed.label_counts)
+    return {int(i): (parsed.id_bytes[id_end - size:id_end].tobytes().decode(),
+                     parsed.label_values[label_end - count:label_end].tolist(), int(frames))
+            for i, id_end, size, label_end, count, frames in zip(
+                np.flatnonzero(parsed.ok), id_ends, parsed.id_sizes, label_ends, parsed.label_counts, parsed.frames)}
+
+
+def _agrees_with_parser(records: list[bytes], level: str, version: int = 2) -> dict[int, tuple]:
+    """Assert the fast path's contract: a recognised record reads as parse_video_record reads it."""
+    fast = _fast(records, level, version)
+    for i, got in fast.items():
+        assert got == ix.parse_video_record(records[i], version, level), (i, records[i][:80])
+    return fast
+
+
+def _video_variants() -> list[bytes]:
+    ids = [b"abcd", b"x", b"y" * 117, b"z" * 118, b"w" * 300, "\u00e9t\u00e9".encode(), b"\xff\xfe", b""]
+    labels = [None, [3, 5], [0], [3861], [3862], [-1], [5, 3], [3000, 128, 5], [127, 128, 16383], [16384],
+              list(range(70)), []]
+    rgb, audio = _entry("mean_rgb", "float_list", [0.5] * 1024), _entry("mean_audio", "float_list", [0.25] * 128)
+    records = []
+    for video_id, label_list in itertools.product(ids, labels):
+        entries = [_entry("id", "bytes_list", [video_id]), rgb, audio]
+        if label_list is not None:
+            entries.insert(1, _entry("labels", "int64_list", label_list))
+        records.append(_field(0x0A, b"".join(entries)))
+        records.append(_field(0x0A, b"".join(entries[::-1])) + b"\x12\x00")
+    standard = [_entry("id", "bytes_list", [b"abcd"]), _entry("labels", "int64_list", [1, 2]), rgb, audio]
+    records += [
+        _field(0x0A, b"".join(standard)) + b"\x12\x01x",  # a field 2 that is not empty
+        _field(0x0A, b"".join(standard + [_entry("extra", "int64_list", [1])])),
+        _field(0x0A, b"".join(standard[:2] + [_entry("mean_rgb", "float_list", [0.5] * 1023), audio])),
+        _field(0x0A, b"".join(standard[:1] + [_entry("labels", "float_list", [1.0]), rgb, audio])),
+        _field(0x0A, b"".join(standard + standard[1:2])),  # labels twice: protobuf keeps the last
+        _field(0x0A, b"".join(standard[1:])),  # no id
+        _field(0x0A, b"".join(standard)) + b"\x1a\x00",  # an unknown Example field
+        _field(0x0A, b"".join(standard))[:-1],  # cut short
+    ]
+    return records
+
+
+def test_fast_path_agrees_with_the_parser_on_video_records():
+    records = _video_variants()
+    fast = _agrees_with_parser(records, "video")
+    assert 0 in fast and 1 in fast and 4 in fast  # the usual layouts are recognised
+    for chunk in range(0, len(records), 7):  # other mixes of shapes in one batch
+        _agrees_with_parser(records[chunk:] + records[:chunk], "video")
+
+
+def test_fast_path_agrees_with_the_parser_on_2017_records():
+    records = [video_record("vid1", [4715, 2, 300], version=1), video_record("vid2", [4716], version=1),
+               video_record("vid3", None, version=1), video_record("vid4", [1])]
+    assert set(_agrees_with_parser(records, "video", version=1)) == {0, 2}
+
+
+def test_fast_path_agrees_with_the_parser_on_frame_records():
+    rng = np.random.default_rng(7)
+    records = []
+    for video_id, labels, frames in itertools.product(["fr", "\u00e9", ""], [None, [7], [9, 2], [3862]], [1, 3]):
+        records.append(frame_record(video_id, labels, *random_frames(rng, frames)))
+    rgb, audio = random_frames(rng, 2)
+    seq = example_pb2.SequenceExample.FromString(frame_record("sw", [1], rgb, audio))
+    context = _field(0x0A, seq.context.SerializeToString())
+    lists = seq.feature_lists.feature_list
+    rgb_entry = _field(0x0A, _field(0x0A, b"rgb") + _field(0x12, lists["rgb"].SerializeToString()))
+    audio_entry = _field(0x0A, _field(0x0A, b"audio") + _field(0x12, lists["audio"].SerializeToString()))
+    records += [
+        context + _field(0x12, audio_entry + rgb_entry),  # the lists in the other order
+        context + _field(0x12, rgb_entry),  # no audio
+        context + _field(0x12, rgb_entry + rgb_entry),  # rgb twice
+        frame_record("un", [1], rgb, audio[:1]),
+        frame_record("wd", [1], [rgb[0], rgb[1][:1000]], audio),
+    ]
+    fast = _agrees_with_parser(records, "frame")
+    assert 0 in fast and len(records) - 5 in fast
+
+
 # ---------------------------------------------------------------- indexing
 
 def test_index_shards_rows(tmp_path):
@@ -244,11 +374,57 @@ def test_index_shards_rows(tmp_path):
         f["name"]: n for f, n in zip(manifest["files"], (30, 25, 6, 40, 10))}
 
 
-def test_index_parallel_matches_serial(tmp_path):
+@pytest.fixture
+def small_batches(monkeypatch):
+    """Every shard a batch of its own, so that both worker threads get batches."""
+    monkeypatch.setattr(ix, "BATCH_BYTES", 1)
+
+
+def worker_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name.startswith("index-worker")]
+
+
+@pytest.mark.parametrize("batch_bytes", [1, ix.BATCH_BYTES])
+def test_index_parallel_matches_serial(tmp_path, monkeypatch, batch_bytes):
+    monkeypatch.setattr(ix, "BATCH_BYTES", batch_bytes)
     manifest = make_dataset(tmp_path)
     serial, _ = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=1)
     parallel, _ = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=2)
     pd.testing.assert_frame_equal(serial, parallel)
+    assert not worker_threads()
+
+
+def test_read_error_is_raised_and_leaves_no_thread(tmp_path, small_batches, monkeypatch):
+    manifest = make_dataset(tmp_path)
+    read_into, calls = ix._read_into, []
+
+    def failing_read(path, out):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError("the disk is on fire")
+        return read_into(path, out)
+
+    monkeypatch.setattr(ix, "_read_into", failing_read)
+    with pytest.raises(OSError, match="the disk is on fire"):
+        ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=2)
+    assert not worker_threads()
+
+
+def test_parse_error_in_the_first_batch_leaves_no_thread(tmp_path, small_batches):
+    manifest = make_dataset(tmp_path)
+    name = manifest["files"][0]["name"]
+    records = [data for _, data in iter_records(tmp_path / name)]
+    write_records(tmp_path / name, records[:1] + [b"not an example"] + records[2:])
+    with pytest.raises(RecordError, match="not a tf.train.Example"):  # later batches are pending or running
+        ix.index_shards(shard_list(tmp_path, manifest), 2, "fail", workers=2)
+    assert not worker_threads()
+
+
+def test_index_unlabelled_shard_alone(tmp_path):
+    manifest = make_dataset(tmp_path)
+    [test_shard] = [shard for shard in shard_list(tmp_path, manifest) if shard[3] == "test"]
+    df, bad = ix.index_shards([test_shard], 2)
+    assert bad == [] and len(df) == 10 and df["labels"].tolist() == [[]] * 10
 
 
 def test_index_2017_shards(tmp_path):
@@ -341,6 +517,21 @@ def test_bad_record_skipped_and_counted(damaged):
     assert len(df) == len(manifest["expected"]) - 1
     assert (df["shard"] == name).sum() == 5
     assert offset not in df.loc[df["shard"] == name, "offset"].tolist()
+
+
+@pytest.mark.parametrize("on_bad_record", ["fail", "skip"])
+@pytest.mark.parametrize("damaged", list(KINDS), indirect=True)
+def test_bad_records_alike_with_one_and_two_workers(damaged, small_batches, on_bad_record):
+    root, manifest, _, _, _ = damaged
+    outcomes = []
+    for workers in (1, 2):
+        try:
+            df, bad = ix.index_shards(shard_list(root, manifest), 2, on_bad_record, workers=workers)
+            outcomes.append((df.to_dict("list"), bad))
+        except RecordError as err:
+            outcomes.append((type(err), str(err)))
+    assert outcomes[0] == outcomes[1]
+    assert not worker_threads()
 
 
 def test_skip_counts_every_bad_record(tmp_path):
@@ -516,6 +707,16 @@ def test_real_2018_validate_shards():
     row = df.iloc[12345]
     assert ix.parse_video_record(read_record_at(folder / Path(row["shard"]).name, row["offset"]), 2, "video")[0] \
         == row["id"]
+
+
+@pytest.mark.realdata
+def test_real_2018_shards_alike_with_one_and_two_workers(shared_yt8m):
+    paths = sorted((shared_yt8m / "2018" / "video").glob("validate*.tfrecord"))
+    shards = [(p, f"2/video/validate/{p.name}", "video", "validate") for p in paths]
+    serial, serial_bad = ix.index_shards(shards, 2, "fail", workers=1)
+    parallel, parallel_bad = ix.index_shards(shards, 2, "fail", workers=2)
+    pd.testing.assert_frame_equal(serial, parallel)
+    assert serial_bad == parallel_bad == [] and not worker_threads()
 
 
 @pytest.mark.realdata

@@ -15,7 +15,7 @@ import hashlib
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from itertools import chain
 from operator import attrgetter
 from pathlib import Path
@@ -30,6 +30,7 @@ from tensorflow.core.example import example_pb2, feature_pb2
 
 from .config import NUM_CLASSES
 from .io import atomic_path, write_json
+from .quantization import dequantize
 from . import fastparse
 from .tfrecord import (
     HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, record_layout, scan_buffer, write_records,
@@ -45,9 +46,9 @@ PARQUET_SCHEMA = pa.schema([
     ("offset", pa.int64()), ("length", pa.int64()), ("id", pa.string()),
     ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("subset", pa.string()),
 ])
-# Shards are read and checked in batches of about this many bytes: enough records for numpy
-# to pay off, few enough to stay in the CPU cache from reading to parsing.
-BATCH_BYTES = 8 << 20
+# Shards are read, checked and parsed in batches of about this many bytes: enough records that
+# numpy's per-call costs hardly count, few enough bytes that two workers stay busy to the end.
+BATCH_BYTES = 24 << 20
 
 _BYTES_VALUES = attrgetter("bytes_list.value")
 
@@ -212,11 +213,11 @@ def index_shards(
 
     on_bad_record 'fail' raises a RecordError naming the file and offset; 'skip'
     lists {shard, offset, reason} for each bad record and indexes the rest.
-    workers: threads, each reading and parsing a batch of shards at a time
-    (default: 2 with several cores, else 1).
+    workers: threads, each reading, checking and parsing a batch of shards at a
+    time (default: 2 with several cores, else 1).
 
-    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of each
-    file are checked in one pass (tfrecord.crcs_match) and a batch's records are
+    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of a
+    batch are checked in one pass (tfrecord.crcs_match) and its records are
     parsed together by numpy (fastparse). Records the fast path does not
     recognise are parsed one by one (parse_video_record), and a file whose
     framing or CRCs fail is rescanned record by record, which locates and
@@ -250,14 +251,14 @@ def _gc_paused():
 
 
 def _batches(tasks: list[tuple]) -> list[list[tuple]]:
-    """Consecutive shards of one level, about BATCH_BYTES together: [(task number, path, name, level, split)]."""
+    """Consecutive shards of one level, about BATCH_BYTES together: [(task number, path, name, level, split, size)]."""
     batches, size = [], 0
     for number, (path, name, level, split) in enumerate(tasks):
         shard_size = os.path.getsize(path)
         if not batches or size + shard_size > BATCH_BYTES or batches[-1][-1][3] != level:
             batches.append([])
             size = 0
-        batches[-1].append((number, path, name, level, split))
+        batches[-1].append((number, path, name, level, split, shard_size))
         size += shard_size
     return batches
 
@@ -265,19 +266,19 @@ def _batches(tasks: list[tuple]) -> list[list[tuple]]:
 def _run_batches(batches: list[list[tuple]], version: int, skip: bool, workers: int) -> list:
     """(rows, bad records) of each batch, in order, computed on `workers` threads.
 
-    A batch is read (the read releases the GIL), checked by crc32c (releases it
-    too) and parsed mostly by numpy (whose loops over large arrays release it),
-    so two threads keep two cores busy most of the time.
+    Each thread takes whole batches: it reads one (the reads release the GIL),
+    checks its CRCs (crc32c releases it too) and parses it (mostly holding it),
+    so one thread's reading and checking overlap the other's parsing.
     """
     buffers = _ThreadBuffers()  # freed, with every thread's buffer, when the run ends
 
     def run(batch: list[tuple]) -> tuple[_Rows, list[dict]]:
-        return _parse_batch(_load_batch(batch, buffers.get()), version, skip)
+        return _parse_batch(_check_crcs(_read_batch(batch, buffers.get())), version, skip)
 
     workers = min(workers, len(batches))
     if workers <= 1:
         return [run(batch) for batch in batches]
-    pool = ThreadPoolExecutor(workers)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="index-worker")
     try:
         return list(pool.map(run, batches))
     finally:
@@ -311,13 +312,23 @@ class _ThreadBuffers(threading.local):
 
 
 @dataclass
-class _Loaded:
+class _Read:
     """A batch in memory: the files back to back in buf (spans: start, end), then fastparse.PADDING zero bytes.
 
-    offsets and lengths: header offsets in buf and data lengths of the records of
-    the files whose framing and CRCs are good (good[position]); file_of: the
-    position of each such record's file in shards.
+    layouts: (header offsets in buf, data lengths) of each file's records, or
+    None where the length fields do not tile the file; no CRC checked yet.
     """
+
+    shards: list[tuple]
+    buf: np.ndarray
+    spans: list[tuple[int, int]]
+    layouts: list[tuple[np.ndarray, np.ndarray] | None]
+
+
+@dataclass
+class _Loaded:
+    """A batch in memory (_Read) with the records of the files whose framing and CRCs are good (good[position]):
+    their header offsets in buf, data lengths and file_of, the position of their file in shards."""
 
     shards: list[tuple]
     buf: np.ndarray
@@ -328,40 +339,51 @@ class _Loaded:
     file_of: np.ndarray
 
 
-def _load_batch(shards: list[tuple], buffer: _Buffer) -> _Loaded:
-    """Read the batch's files back to back, checking each one's framing and CRCs while it is in the cache."""
-    sizes = [os.path.getsize(path) for _, path, *_ in shards]
-    buf = buffer.get(sum(sizes) + fastparse.PADDING)
-    spans, good, layouts, pos = [], [], [], 0
-    for (_, path, *_), size in zip(shards, sizes):
+def _read_batch(shards: list[tuple], buffer: _Buffer) -> _Read:
+    """Read the batch's files back to back (as long as they were when batched), following each one's
+    length fields while it is in the cache."""
+    buf = buffer.get(sum(shard[-1] for shard in shards) + fastparse.PADDING)
+    spans, layouts, pos = [], [], 0
+    for _, path, _, _, _, size in shards:
         end = pos + _read_into(path, buf[pos:pos + size])
-        layout = _checked_layout(buf, pos, end)
         spans.append((pos, end))
-        good.append(layout is not None)
-        layouts.append(layout or (np.zeros(0, np.int64),) * 2)
+        layouts.append(record_layout(memoryview(buf), pos, end))
         pos = end
     buf[pos:pos + fastparse.PADDING] = 0
-    return _Loaded(shards, buf[:pos + fastparse.PADDING], spans, good,
-                   np.concatenate([o for o, _ in layouts] or [np.zeros(0, np.int64)]),
-                   np.concatenate([n for _, n in layouts] or [np.zeros(0, np.int64)]),
-                   np.repeat(np.arange(len(spans)), [len(o) for o, _ in layouts]))
+    return _Read(shards, buf[:pos + fastparse.PADDING], spans, layouts)
 
 
 def _read_into(path: Path, out: np.ndarray) -> int:
     """Read the file into `out` (its size); the number of bytes read."""
     view, done = memoryview(out), 0
-    with open(path, "rb", buffering=0) as f:
-        while done < len(out) and (count := f.readinto(view[done:])):
+    fd = os.open(path, os.O_RDONLY)  # fewer system calls than open(), each releasing and retaking the GIL
+    try:
+        while done < len(out) and (count := os.readv(fd, [view[done:]])):
             done += count
+    finally:
+        os.close(fd)
     return done
 
 
-def _checked_layout(buf: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(header offsets, data lengths) of the records of buf[start:end] if their framing and CRCs are good."""
-    layout = record_layout(memoryview(buf), start, end)
-    if layout is None or (len(layout[1]) and layout[1].min() < 4) or not crcs_match(buf, *layout):
-        return None
-    return layout
+def _check_crcs(batch: _Read) -> _Loaded:
+    """The batch with the records of its files whose framing and CRCs are good.
+
+    The CRCs of all files are checked in one pass; only when that fails, file by
+    file, to find the bad ones.
+    """
+    layouts = batch.layouts
+    if any(layout is None for layout in layouts) or not crcs_match(batch.buf, *_joined(layouts)):
+        layouts = [layout if layout is not None and crcs_match(batch.buf, *layout) else None for layout in layouts]
+    good = [layout is not None for layout in layouts]
+    present = [layout for layout in layouts if layout is not None]
+    return _Loaded(batch.shards, batch.buf, batch.spans, good, *_joined(present),
+                   np.repeat(np.flatnonzero(good), [len(offsets) for offsets, _ in present]))
+
+
+def _joined(layouts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The header offsets and the data lengths of several layouts, each concatenated."""
+    empty = np.zeros(0, np.int64)
+    return np.concatenate([o for o, _ in layouts] or [empty]), np.concatenate([n for _, n in layouts] or [empty])
 
 
 def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[dict]]:
@@ -373,12 +395,14 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
     ok = parsed.ok
     parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed)]
     parse, left, bad = _parser(version, level), np.flatnonzero(~ok), []
-    for position, (number, path, name, _, _) in enumerate(batch.shards):
+    for position, (number, path, name, *_) in enumerate(batch.shards):
         if batch.good[position] and not len(left):
             continue
         rows, entries = _parse_each(_records_left(batch, position, left), parse, path, name, skip)
         parts.append(_Rows.from_tuples(number, rows))
         bad += entries
+    if len(parts) == 1:
+        return parts[0], bad
     rows = _Rows.concat(parts)
     return (rows if len(parts[0]) == len(rows) else rows.in_order()), bad
 
@@ -425,22 +449,20 @@ def _parse_each(records, parse, path: Path, name: str, skip: bool) -> tuple[list
 
 @dataclass
 class _Rows:
-    """Index rows as columns. task: the shard's position in the shard list; ids (UTF-8) and labels flat,
-    with a size or count per row."""
+    """Index rows as columns. task: the shard's position in the shard list; ids (UTF-8) flat, with a size per row."""
 
     task: np.ndarray
     offset: np.ndarray
     length: np.ndarray
     id_bytes: np.ndarray
     id_sizes: np.ndarray
-    label_counts: np.ndarray
-    label_values: np.ndarray
+    labels: list[list[int]]
     frames: np.ndarray
 
     @classmethod
     def from_parsed(cls, task, offset, length, parsed: fastparse.Parsed) -> _Rows:
-        return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes, parsed.label_counts,
-                   parsed.label_values, parsed.frames)
+        return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes,
+                   _label_lists(parsed.label_counts, parsed.label_values), parsed.frames)
 
     @classmethod
     def from_tuples(cls, task: int, rows: list[tuple]) -> _Rows:
@@ -448,15 +470,16 @@ class _Rows:
         ids = [row[2].encode() for row in rows]
         return cls(np.full(len(rows), task, np.int64), np.array([row[0] for row in rows], np.int64),
                    np.array([row[1] for row in rows], np.int64), np.frombuffer(b"".join(ids), np.uint8),
-                   np.array([len(i) for i in ids], np.int64), np.array([len(row[3]) for row in rows], np.int64),
-                   np.array(list(chain.from_iterable(row[3] for row in rows)), np.int32),
+                   np.array([len(i) for i in ids], np.int64), [row[3] for row in rows],
                    np.array([row[4] for row in rows], np.int32))
 
     @classmethod
     def concat(cls, parts: list[_Rows]) -> _Rows:
         if not parts:
             return cls.from_tuples(0, [])
-        return cls(*(np.concatenate([getattr(part, f.name) for part in parts]) for f in fields(cls)))
+        arrays = {name: np.concatenate([getattr(part, name) for part in parts])
+                  for name in ("task", "offset", "length", "id_bytes", "id_sizes", "frames")}
+        return cls(**arrays, labels=list(chain.from_iterable(part.labels for part in parts)))
 
     def __len__(self) -> int:
         return len(self.task)
@@ -466,16 +489,16 @@ class _Rows:
         order = np.lexsort((self.offset, self.task))
         return _Rows(self.task[order], self.offset[order], self.length[order],
                      _reorder_runs(self.id_bytes, self.id_sizes, order), self.id_sizes[order],
-                     self.label_counts[order], _reorder_runs(self.label_values, self.label_counts, order),
-                     self.frames[order])
+                     [self.labels[i] for i in order.tolist()], self.frames[order])
 
     def ids(self) -> pa.Array:
         return pa.StringArray.from_buffers(len(self), pa.py_buffer(_run_offsets(self.id_sizes)),
                                            pa.py_buffer(self.id_bytes))
 
-    def labels(self) -> list[list[int]]:
-        offsets = pa.array(_run_offsets(self.label_counts))
-        return pa.ListArray.from_arrays(offsets, pa.array(self.label_values, pa.int32())).to_pylist()
+
+def _label_lists(counts: np.ndarray, values: np.ndarray) -> list[list[int]]:
+    """The runs of a flat column as lists (pyarrow builds them faster than Python slicing does)."""
+    return pa.ListArray.from_arrays(pa.array(_run_offsets(counts)), pa.array(values, pa.int32())).to_pylist()
 
 
 def _run_offsets(sizes: np.ndarray) -> np.ndarray:
@@ -504,21 +527,18 @@ def _strings(values: pa.Array) -> pd.Series:
 
 def _rows_frame(tasks: list[tuple], rows: _Rows) -> pd.DataFrame:
     def per_task(position: int) -> pd.Series:
-        names = pa.array([t[position] for t in tasks] or [""], pa.string())
-        return _strings(pa.DictionaryArray.from_arrays(pa.array(rows.task, pa.int32()), names).dictionary_decode())
+        return _strings(pa.array([t[position] for t in tasks], pa.string()).take(pa.array(rows.task)))
 
-    labels = np.empty(len(rows), object)
-    labels[:] = rows.labels()
-    return pd.DataFrame({
+    return pd.DataFrame({  # the columns are new arrays, the frame's own: no copy needed
         "shard": per_task(1),
         "level": per_task(2),
         "split": per_task(3),
-        "offset": rows.offset.astype(np.int64),
-        "length": rows.length.astype(np.int64),
+        "offset": rows.offset.astype(np.int64, copy=False),
+        "length": rows.length.astype(np.int64, copy=False),
         "id": _strings(rows.ids()),
-        "labels": pd.Series(labels, dtype=object),
-        "num_frames": rows.frames.astype(np.int32),
-    })
+        "labels": pd.Series(rows.labels, dtype=object),
+        "num_frames": rows.frames.astype(np.int32, copy=False),
+    }, copy=False)
 
 
 # ---------------------------------------------------------------- subsets and statistics
@@ -608,11 +628,6 @@ def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
 
 
 # ---------------------------------------------------------------- video level from frame level
-
-def dequantize(q: np.ndarray) -> np.ndarray:
-    """uint8 -> float32 as the YouTube-8M starter code: q*4/255 + 4/512 - 2."""
-    return q.astype(np.float32) * np.float32(4.0 / 255.0) + np.float32(4.0 / 512.0 - 2.0)
-
 
 def derive_video_level(frame_record: bytes, version: int) -> bytes:
     """A video-level tf.train.Example from a frame-level record: same id and labels,

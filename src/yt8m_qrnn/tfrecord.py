@@ -20,6 +20,7 @@ HEADER_SIZE = HEADER.size
 FOOTER_SIZE = FOOTER.size
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
+_POLY = 0x82F63B78  # CRC-32C, bit-reflected
 _RESYNC_CHUNK = 1 << 22  # header candidates examined per numpy pass while resynchronising
 
 
@@ -54,6 +55,17 @@ class CorruptRecordError(RecordError):
 def masked_crc(data: bytes) -> int:
     crc = _crc32c.crc32c(data)
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & _U32
+
+
+def _crc_reset() -> int:
+    """The word that, xored into a message's crc32c and appended to it, brings the register back to all ones."""
+    register = _U32
+    for _ in range(32):  # the register's steps over the 32 bits of the word, run backwards
+        register = ((register ^ _POLY) << 1 | 1) & _U32 if register >> 31 else register << 1 & _U32
+    return register ^ _U32
+
+
+_CRC_RESET = _crc_reset()
 
 
 def scan_buffer(buf: bytes, verify: bool = True) -> Iterator[tuple[int, bytes | None, str | None]]:
@@ -131,11 +143,11 @@ def record_layout(buf, start: int = 0, end: int | None = None) -> tuple[np.ndarr
     """
     end = len(buf) if end is None else end
     unpack_length, offsets = _LENGTH.unpack_from, []
-    append = offsets.append
-    pos, last = start, end - HEADER_SIZE - FOOTER_SIZE  # last position where a record fits
+    append, framing = offsets.append, HEADER_SIZE + FOOTER_SIZE  # locals: this loop runs once per record
+    pos, last = start, end - framing  # last position where a record fits
     while pos <= last:
         append(pos)
-        pos += unpack_length(buf, pos)[0] + HEADER_SIZE + FOOTER_SIZE
+        pos += unpack_length(buf, pos)[0] + framing
     if pos != end:
         return None
     offsets = np.array(offsets, dtype=np.int64)
@@ -149,40 +161,29 @@ def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> boo
     """True when the length CRC and data CRC of every record match, checked in one crc32c pass.
 
     buf: writable uint8 array holding the records back to back from offsets[0]
-    (record_layout); it is modified during the call and restored. Every data
-    length must be at least 4 (ValueError otherwise).
+    (record_layout); its CRC fields are modified during the call and restored.
 
-    Why it works: crc32c run from an all-ones register over a message followed by
-    its complemented (unmasked) crc ends at register 0, and starting from the
-    all-ones register equals starting from 0 with the first 4 bytes complemented.
-    So once each length field and each data segment has its first 4 bytes
-    complemented and is followed by its complemented crc, a register started at 0
-    returns to 0 after every good segment and the whole span gives 0. A bad
-    segment leaves a nonzero remainder that later good segments only multiply by
+    Why it works: crc32c runs a register that starts at all ones. After a
+    message whose crc32c is u, the 4 bytes of u ^ _CRC_RESET bring the register
+    back to all ones. So once every stored CRC is replaced by its unmasked value
+    ^ _CRC_RESET, the register is back at all ones after every good record, and
+    the crc32c of the whole span (the final register ^ all ones) is 0. A bad
+    record leaves a nonzero difference that later good records only multiply by
     powers of x (invertible modulo the polynomial), so one bad record, or any few
-    flipped bits, is always detected; several bad records could cancel with
-    probability about 2**-32, the same odds as one record passing a wrong crc.
+    flipped bits, is always detected;
+    several bad records could cancel with probability about 2**-32, the same odds
+    as one record passing a wrong crc.
     """
     if not len(offsets):
         return True
-    if lengths.min() < 4:
-        raise ValueError("crcs_match needs records of at least 4 data bytes")
     words = np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))  # a uint32 at every byte offset
-    length_crc_at, data_at = offsets + 8, offsets + HEADER_SIZE
-    data_crc_at = data_at + lengths
-    stored_length_crcs, stored_data_crcs = words[length_crc_at], words[data_crc_at]
-    words[offsets] ^= _U32
-    words[data_at] ^= _U32
-    words[length_crc_at] = ~_unmask(stored_length_crcs)
-    words[data_crc_at] = ~_unmask(stored_data_crcs)
+    at = np.stack([offsets + _LENGTH.size, offsets + HEADER_SIZE + lengths])  # the length crcs, the data crcs
+    stored = words[at]
+    words[at] = _unmask(stored) ^ np.uint32(_CRC_RESET)
     try:
-        span = buf[offsets[0]:data_crc_at[-1] + FOOTER_SIZE]
-        return _crc32c.crc32c(span, _U32) == _U32  # continuing from _U32 starts the register at 0
+        return _crc32c.crc32c(buf[offsets[0]:at[1, -1] + FOOTER_SIZE]) == 0
     finally:
-        words[offsets] ^= _U32
-        words[data_at] ^= _U32
-        words[length_crc_at] = stored_length_crcs
-        words[data_crc_at] = stored_data_crcs
+        words[at] = stored
 
 
 def _unmask(masked: np.ndarray) -> np.ndarray:
