@@ -733,8 +733,9 @@ def bench_section(results: Path) -> list[str]:
             f"{pipeline['source']}; batch {pipeline['batch_size']}; the stream yields uint8 frames, dequantized by "
             "the models; "
             f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate"
-            + (f"; each epoch of the stream starts {1e3 * stream['first_batch_s']:.0f} ms before its first batch "
-               "(included above)." if "first_batch_s" in stream else "."),
+            + (f"; a new stream gives its first batch {1e3 * stream['first_batch_s']:.0f} ms after it is started "
+               "(every epoch restarts the stream's per-epoch part; included above)."
+               if "first_batch_s" in stream else "."),
             "",
         ]
     except (KeyError, TypeError, ValueError) as err:
