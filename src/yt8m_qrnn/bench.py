@@ -14,7 +14,8 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   of a cell take turns step by step (in a rotating order), so a machine that gets busier slows
   them alike, and the process's CPU time is kept beside the wall time (`ratio_cpu_time`); the
   load average before and after each measurement is recorded with it. The shape where the
-  targets are set is measured first (then its parts, the input pipeline, and the grid last). The QRNN is compiled as Keras compiles it (tf.function: the layer declines XLA on
+  targets are set is measured first (then its parts, the input pipeline, and the grid last).
+  The QRNN is compiled as Keras compiles it (tf.function: the layer declines XLA on
   TensorFlow); the LSTM both ways Keras may compile it: tf.function, and XLA, which Keras picks
   for a model of LSTMs on TensorFlow (jit_compile="auto"); `bench.lstm_xla` (all | grid | none)
   says where (XLA's LSTM at the YouTube-8M shape holds ~14 GB). The ratio LSTM / QRNN of a cell
@@ -448,19 +449,11 @@ def generate_shards(root: Path, files: int, videos: int) -> list[tuple[int, str]
     return frame_shards(root, files)
 
 
-def shard_rows(data_root: Path, shards: list[tuple[int, str]]):
-    """Index rows (level, shard, id, num_frames) of every record of the shards, as the index stage makes them."""
-    import pandas as pd
+def shard_rows(data_root: Path, shards: list[tuple[int, str]], version: int):
+    """Index rows (level, shard, id, num_frames, ...) of every record of the shards: the index stage's own."""
+    from .index import index_shards
 
-    from .index import parse_video_record
-    from .tfrecord import iter_records
-
-    rows = []
-    for version, rel in shards:
-        for _, data in iter_records(Path(data_root) / rel, verify=False):
-            video_id, _, frames = parse_video_record(data, version, "frame")
-            rows.append({"level": "frame", "shard": rel, "id": video_id, "num_frames": frames})
-    return pd.DataFrame(rows)
+    return index_shards([(Path(data_root) / rel, rel, "frame", Path(rel).parent.name) for _, rel in shards], version)[0]
 
 
 def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
@@ -483,7 +476,7 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
         if len(versions) != 1:
             raise ValueError(f"frame-level shards of several dataset versions under {data_root}: {sorted(versions)}")
         version = versions.pop()
-        rows = shard_rows(root, shards)
+        rows = shard_rows(root, shards, version)
         paths = [str(root / rel) for _, rel in shards]
         total_bytes = epochs * sum(os.path.getsize(p) for p in paths)
         counted = {}
@@ -529,7 +522,7 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
                         "mb_per_s": total_bytes / MB / seconds, "frames_per_s": result["frames"] / seconds,
                         "timings": timed[name]}
     result["share_of_raw"] = result["pipeline"]["mb_per_s"] / result["raw"]["mb_per_s"]
-    result["pipeline"]["first_batch_s"] = first_batch_s  # paid again at every epoch's start
+    result["pipeline"]["first_batch_s"] = first_batch_s  # a fresh stream's start-up (each epoch restarts part of it)
     progress(f"input pipeline: {result['pipeline']['videos_per_s']:.0f} videos/s, "
              f"{result['pipeline']['mb_per_s']:.1f} MB/s; raw read {result['raw']['videos_per_s']:.0f} videos/s, "
              f"{result['raw']['mb_per_s']:.1f} MB/s ({100 * result['share_of_raw']:.0f}%); parse and decode "

@@ -17,8 +17,7 @@ Two entry points:
 Records are read shard by shard (interleaved, files in a shuffled order for
 training), shuffled as serialized records through a buffer, then parsed a batch at
 a time (one parse_example / parse_sequence_example call per batch, batches in
-parallel): per-record parsing and float32 frames cost most of the time before.
-Each parsed batch keeps only the selected ids (the index splits a shard's videos
+parallel). Each parsed batch keeps only the selected ids (the index splits a shard's videos
 between train and eval by id) and the batches are cut again to batch_size.
 """
 from __future__ import annotations
@@ -30,12 +29,10 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .quantization import BIAS, SCALE
-
 RGB_DIM, AUDIO_DIM = 1024, 128
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
 MAX_FRAMES = 300
-# the starter's shuffle_batch_join capacity: 5 batches (a larger buffer also falls out of the CPU caches)
+# the starter's shuffle_batch_join capacity: 5 batches
 SHUFFLE_BATCHES = 5
 INTERLEAVE_CYCLE = 4
 # Epoch e of a run with seed s shuffles with seed s * EPOCH_SEED_STRIDE + e.
@@ -44,11 +41,6 @@ EPOCH_SEED_STRIDE = 1_000_003
 
 def id_key(version: int) -> str:
     return "id" if version == 2 else "video_id"
-
-
-def dequantize(q: tf.Tensor) -> tf.Tensor:
-    """The starter's Dequantize(max=2, min=-2): q * 4/255 + 4/512 - 2."""
-    return tf.cast(q, tf.float32) * SCALE + BIAS
 
 
 def _multi_hot(labels: tf.SparseTensor, num_classes: int) -> tf.Tensor:

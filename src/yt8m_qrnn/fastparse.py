@@ -48,13 +48,6 @@ class Parsed:
     label_values: np.ndarray  # int32, sorted within each record
     frames: np.ndarray  # int32
 
-    @classmethod
-    def none(cls, count: int) -> Parsed:
-        """Leaves all `count` records to the one-by-one parser."""
-        empty = np.zeros(0, np.int64)
-        return cls(np.zeros(count, bool), np.zeros(0, np.uint8), empty, empty, np.zeros(0, np.int32),
-                   np.zeros(0, np.int32))
-
 
 # ---------------------------------------------------------------- entry templates
 
