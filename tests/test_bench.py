@@ -101,7 +101,7 @@ def test_input_pipeline_json(tiny_run):
     pipeline = load(root, "input_pipeline.json")
     assert pipeline["source"].startswith("generated")  # no resources/yt8m in the folder
     assert pipeline["videos"] == 6 and len(pipeline["files"]) == 1 and pipeline["bytes"] > 0
-    for name in ("raw", "parse_only", "pipeline"):
+    for name in ("raw", "batches_only", "pipeline"):
         part = pipeline[name]
         assert part["videos_per_s"] == pytest.approx(6 / part["seconds"])
         assert part["mb_per_s"] == pytest.approx(pipeline["bytes"] / 1e6 / part["seconds"])
@@ -128,7 +128,7 @@ def test_report_section_renders_from_the_run(tiny_run):
     text = "\n".join(bench_section(root / "results"))
     assert "## 6. QRNN speed" in text and "![QRNN vs LSTM speed](bench/speedup.png)" in text
     assert "| batch \\ length | 4 | 7 |" in text
-    assert "| parse and decode alone" in text and "| training stream" in text
+    assert "| the stream's batches built one after another" in text and "| training stream" in text
 
 
 @pytest.mark.parametrize("recurrence", list(LINEAR_RECURRENCES))

@@ -17,7 +17,7 @@ from yt8m_qrnn import fastparse
 from yt8m_qrnn import index as ix
 from yt8m_qrnn.config import NUM_CLASSES
 from yt8m_qrnn.tfrecord import (
-    CorruptRecordError, RecordError, crcs_match, iter_records, read_record_at, record_layout, scan_buffer,
+    CorruptRecordError, RecordError, crcs_match, iter_records, masked_crc, read_record_at, record_layout, scan_buffer,
     write_records,
 )
 
@@ -356,6 +356,46 @@ def test_fast_path_agrees_with_the_parser_on_frame_records():
 
 
 # ---------------------------------------------------------------- indexing
+
+def _feature_bytes(data: bytes, level: str) -> tuple[list[bytes], list[bytes]]:
+    """The rgb and audio bytes of a record as protobuf reads them: per frame, or the float lists' bytes."""
+    if level == "video":
+        feature = example_pb2.Example.FromString(data).features.feature
+        return ([np.asarray(feature["mean_rgb"].float_list.value, "<f4").tobytes()],
+                [np.asarray(feature["mean_audio"].float_list.value, "<f4").tobytes()])
+    lists = example_pb2.SequenceExample.FromString(data).feature_lists.feature_list
+    return tuple([frame.bytes_list.value[0] for frame in lists[name].feature] for name in ("rgb", "audio"))
+
+
+def test_rows_locate_the_features_and_keep_the_stored_crc(tmp_path):
+    rng = np.random.default_rng(3)
+    rgb, audio = random_frames(rng, 4)
+    usual = frame_record("fa", [5], rgb, audio)
+    seq = example_pb2.SequenceExample.FromString(usual)
+    seq.context.feature["extra"].int64_list.value.append(1)  # valid, not the usual layout
+    frame_path, video_path = (tmp_path / f"2/{level}/train/train0000.tfrecord" for level in ("frame", "video"))
+    frame_path.parent.mkdir(parents=True)
+    video_path.parent.mkdir(parents=True)
+    write_records(frame_path, [usual, seq.SerializeToString(), frame_record("fc", [1, 2], *random_frames(rng, 1))])
+    write_records(video_path, [video_record("va", [1], rgb=rng.normal(size=1024), audio=rng.normal(size=128)),
+                               video_record("vb", [2])])
+    shards = [(frame_path, "f", "frame", "train"), (video_path, "v", "video", "train")]
+    df, _ = ix.index_shards(shards, 2)
+    assert (df["rgb_at"] == -1).tolist() == [False, True, False, False, False]
+    assert ((df["audio_at"] == -1) == (df["rgb_at"] == -1)).all()
+    for row in df.itertuples():
+        path = frame_path if row.level == "frame" else video_path
+        data = read_record_at(path, row.offset)
+        assert row.data_crc == masked_crc(data)
+        if row.rgb_at < 0:
+            continue
+        rgb_frames, audio_frames = _feature_bytes(data, row.level)
+        for k, (rgb_bytes, audio_bytes) in enumerate(zip(rgb_frames, audio_frames)):
+            rgb_at = row.rgb_at + k * fastparse.FRAME_STRIDES[0]
+            audio_at = row.audio_at + k * fastparse.FRAME_STRIDES[1]
+            assert data[rgb_at:rgb_at + len(rgb_bytes)] == rgb_bytes
+            assert data[audio_at:audio_at + len(audio_bytes)] == audio_bytes
+
 
 def test_index_shards_rows(tmp_path):
     manifest = make_dataset(tmp_path)
@@ -705,8 +745,12 @@ def test_real_2018_validate_shards():
         ids = df.loc[df["shard"] == f"2/video/validate/{path.name}", "id"]
         assert len(ids) and ids.str.endswith(code).all(), path.name
     row = df.iloc[12345]
-    assert ix.parse_video_record(read_record_at(folder / Path(row["shard"]).name, row["offset"]), 2, "video")[0] \
-        == row["id"]
+    data = read_record_at(folder / Path(row["shard"]).name, row["offset"])
+    assert ix.parse_video_record(data, 2, "video")[0] == row["id"] and row["data_crc"] == masked_crc(data)
+    assert (df["rgb_at"] >= 0).all()  # every real record is in the usual layout
+    rgb, audio = _feature_bytes(data, "video")
+    assert data[row["rgb_at"]:row["rgb_at"] + 4096] == rgb[0]
+    assert data[row["audio_at"]:row["audio_at"] + 512] == audio[0]
 
 
 @pytest.mark.realdata

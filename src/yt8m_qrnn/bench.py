@@ -26,8 +26,8 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   gradient) on the layer's own gate tensors, for each implementation in
   qrnn.LINEAR_RECURRENCES, each checked against a float64 recurrence. Share of the layer step:
   pooling (the implementation the layer uses) / layer, convolution / layer.
-- input_pipeline.json: videos/s and MB/s of yt8m_qrnn.data's training stream (read, shuffle,
-  parse, decode, pad, filter, batch) over frame-level shards, beside a plain
+- input_pipeline.json: videos/s and MB/s of yt8m_qrnn.data's training stream (shuffle, read
+  by the index's offsets, check, decode, pad, batch) over frame-level shards, beside a plain
   tf.data.TFRecordDataset read of the same files in the same run (the two take turns; the
   files are read once before, so both read from the page cache). The shards are those of
   resources/yt8m (train split first); without any, a few are generated (yt8m_qrnn.synth) in a
@@ -457,7 +457,8 @@ def shard_rows(data_root: Path, shards: list[tuple[int, str]], version: int):
 
 
 def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
-    from .data import MAX_FRAMES, frame_batch_parser, make_training_stream
+    from .data import MAX_FRAMES, epoch_seed, make_training_stream
+    from .reader import FrameBatches
 
     max_files, batch_size, repeats = int(cfg["max_files"]), int(cfg["batch_size"]), int(cfg["repeats"])
     epochs = int(cfg.get("epochs", 1))
@@ -484,21 +485,29 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
         # built once: what is timed is the reading, not the tracing of the pipelines' functions
         datasets = {
             "raw": tf.data.TFRecordDataset(paths).repeat(epochs).batch(batch_size),
-            "parse_only": tf.data.TFRecordDataset(paths).repeat(epochs).batch(batch_size).map(
-                frame_batch_parser(version, NUM_CLASSES[version], min(MAX_FRAMES, int(rows["num_frames"].max()))),
-                num_parallel_calls=tf.data.AUTOTUNE),
             "pipeline": make_training_stream(root, rows, "frame", version, NUM_CLASSES[version], batch_size,
                                              seed=0, start_epoch=0, end_epoch=epochs),
         }
+        batches = FrameBatches(root, rows, version, NUM_CLASSES[version],
+                               min(MAX_FRAMES, int(rows["num_frames"].max())))
 
         def reader(name: str) -> Callable[[], None]:
             def read():
                 counted[name] = sum(int(tf.nest.flatten(batch)[-1].shape[0]) for batch in datasets[name])
             return read
 
+        def batches_alone():
+            """The stream's batches built one after another in this thread, without tf.data."""
+            counted["batches_only"] = 0
+            for epoch in range(epochs):
+                order = np.random.default_rng(epoch_seed(0, epoch)).permutation(len(rows))
+                for start in range(0, len(order), batch_size):
+                    counted["batches_only"] += len(batches(order[start:start + batch_size])[1])
+
         progress(f"input pipeline: {len(paths)} shards, {len(rows)} videos, {total_bytes / epochs / MB:.1f} MB, "
                  f"{epochs} passes; batch {batch_size}, {repeats} repeats")
-        timed = time_interleaved({name: reader(name) for name in datasets}, warmup=0, repeats=repeats)
+        timed = time_interleaved({"raw": reader("raw"), "batches_only": batches_alone,
+                                  "pipeline": reader("pipeline")}, warmup=0, repeats=repeats)
         start = time.perf_counter()
         next(iter(datasets["pipeline"]))
         first_batch_s = time.perf_counter() - start
@@ -509,12 +518,13 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
               "note": ("each measurement reads every file `epochs` times; the first measurement of each is not "
                        "timed, so the timed ones read from the page cache; "
                        "MB/s: bytes read (1 MB = 1e6 bytes) / seconds; raw: "
-                       "tf.data.TFRecordDataset(files).repeat(epochs).batch(batch_size); parse_only: the same "
-                       "batches parsed by yt8m_qrnn.data.frame_batch_parser (parse, decode the uint8 frames, pad "
-                       "to the longest video) in parallel, without the stream's shuffle and id filter; "
-                       "pipeline: yt8m_qrnn.data.make_training_stream over `epochs` epochs (shuffled, filtered to "
-                       "the index rows, uint8 batches: the models dequantize on the device)")}
-    for name in ("raw", "parse_only", "pipeline"):
+                       "tf.data.TFRecordDataset(files).repeat(epochs).batch(batch_size); batches_only: the "
+                       "stream's batches built by yt8m_qrnn.reader.FrameBatches one after another in one Python "
+                       "thread, without tf.data; pipeline: yt8m_qrnn.data.make_training_stream over `epochs` epochs "
+                       "(each a permutation of the index rows, records read at their offsets with CRCs checked, "
+                       "uint8 batches padded to the longest video, built in parallel: the models dequantize on "
+                       "the device)")}
+    for name in ("raw", "batches_only", "pipeline"):
         seconds = timed[name]["median_s"]
         if counted[name] != videos:
             raise RuntimeError(f"input pipeline bench: the {name} pass gave {counted[name]} videos, not {videos}")
@@ -525,8 +535,8 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
     result["pipeline"]["first_batch_s"] = first_batch_s  # a fresh stream's start-up (each epoch restarts part of it)
     progress(f"input pipeline: {result['pipeline']['videos_per_s']:.0f} videos/s, "
              f"{result['pipeline']['mb_per_s']:.1f} MB/s; raw read {result['raw']['videos_per_s']:.0f} videos/s, "
-             f"{result['raw']['mb_per_s']:.1f} MB/s ({100 * result['share_of_raw']:.0f}%); parse and decode "
-             f"alone {result['parse_only']['videos_per_s']:.0f} videos/s")
+             f"{result['raw']['mb_per_s']:.1f} MB/s ({100 * result['share_of_raw']:.0f}%); batches built in "
+             f"one thread without tf.data {result['batches_only']['videos_per_s']:.0f} videos/s")
     return result
 
 

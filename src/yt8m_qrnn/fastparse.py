@@ -47,6 +47,8 @@ class Parsed:
     label_counts: np.ndarray  # int64
     label_values: np.ndarray  # int32, sorted within each record
     frames: np.ndarray  # int32
+    # int64 [2, recognised]: where the rgb and the audio bytes begin (frame level: the first frame's)
+    feature_starts: np.ndarray
 
 
 # ---------------------------------------------------------------- entry templates
@@ -102,6 +104,7 @@ class _Shape:
         self.step_size_row = np.array([self.size_row[k] for k, _ in stepped], np.intp)
         self.max_size = np.array([entries[k].max_size for k in variable], np.uint64)[:, None]
         self.payload = {entries[k].slot: (k, entries[k].header, row) for k, row in self.size_row.items()}
+        self.fixed = {entry.slot: (k, entry.header) for k, entry in enumerate(entries) if entry.size_column is None}
 
 
 def _word_offsets(size: int) -> list[int]:
@@ -253,17 +256,20 @@ def _match_shape(buf, words, start, end, shape: _Shape):
 
 @dataclass
 class _Fields:
-    """Where the id and the labels of each record are; ok: the record fits a shape (labels_size 0: no labels)."""
+    """Where the id, the labels and (video level) the mean features of each record are; ok: the record fits a
+    shape (labels_size 0: no labels)."""
 
     ok: np.ndarray
     id_start: np.ndarray
     id_size: np.ndarray
     labels_start: np.ndarray
     labels_size: np.ndarray
+    features_start: np.ndarray  # [2, n]: mean_rgb's and mean_audio's float bytes, video level
 
     @classmethod
     def empty(cls, count: int) -> _Fields:
-        return cls(np.zeros(count, bool), *(np.zeros(count, np.int64) for _ in range(4)))
+        return cls(np.zeros(count, bool), *(np.zeros(count, np.int64) for _ in range(4)),
+                   np.zeros((2, count), np.int64))
 
     def fill(self, rows: np.ndarray, shape: _Shape, at: np.ndarray, sizes: np.ndarray, matched: np.ndarray) -> None:
         """Record what _match_shape found about the records `rows`."""
@@ -275,6 +281,10 @@ class _Fields:
                 k, header, row = shape.payload[slot]
                 start[rows] = at[k] + header
                 size[rows] = sizes[row]
+        for slot, start in ((RGB, self.features_start[0]), (AUDIO, self.features_start[1])):
+            if slot in shape.fixed:
+                k, header = shape.fixed[slot]
+                start[rows] = at[k] + header
 
 
 def _features(buf, words, start, end, candidates: np.ndarray, table: EntryTable, valid_shape) -> _Fields:
@@ -366,7 +376,7 @@ def _unsorted(values: np.ndarray, value_first: np.ndarray) -> bool:
     return bool(down.any())
 
 
-def _finish(fields: _Fields, buf, num_classes, frames) -> Parsed:
+def _finish(fields: _Fields, buf, num_classes, frames, feature_starts) -> Parsed:
     """Decode the ids and labels of the records recognised so far; non-ASCII ids and bad labels are left out."""
     ok = fields.ok
     labelled = ok & (fields.labels_size > 0)
@@ -386,7 +396,8 @@ def _finish(fields: _Fields, buf, num_classes, frames) -> Parsed:
     kept = ok[labelled]
     if not kept.all():
         values = values[np.repeat(kept, counts)]
-    return Parsed(ok, id_bytes, id_size, label_counts[ok], values, frames[ok].astype(np.int32))
+    return Parsed(ok, id_bytes, id_size, label_counts[ok], values, frames[ok].astype(np.int32),
+                  feature_starts[:, ok])
 
 
 # ---------------------------------------------------------------- video level
@@ -401,7 +412,7 @@ def video_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, table: E
     ok, features_start, features_end = _message(words, start, end, _TAG1)
     ok &= (features_end == end) | ((features_end == end - 2) & ((words[end - 2] & 0xFFFF) == _EXAMPLE_END))
     fields = _features(buf, words, features_start, features_end, np.flatnonzero(ok), table, _video_shape)
-    return _finish(fields, buf, num_classes, np.ones(len(start), np.int32))
+    return _finish(fields, buf, num_classes, np.ones(len(start), np.int32), fields.features_start)
 
 
 # ---------------------------------------------------------------- frame level
@@ -423,6 +434,7 @@ class _FrameList:
 
 
 _LISTS = [_FrameList.of(b"rgb", RGB_DIM), _FrameList.of(b"audio", AUDIO_DIM)]
+FRAME_STRIDES = tuple(frame_list.stride for frame_list in _LISTS)  # bytes from one rgb / audio frame to the next
 
 
 def frame_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, table: EntryTable, num_classes: int) -> Parsed:
@@ -438,18 +450,21 @@ def frame_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, table: E
     lists_ok, lists_start, lists_end = _message(words, context_end, end, _TAG2)
     ok &= lists_ok & (lists_end == end)
     counts = np.zeros((2, len(start)), np.int64)
-    cursor = lists_start
+    feature_starts = np.zeros((2, len(start)), np.int64)
+    cursor, every = lists_start, np.arange(len(start))
     for _ in range(2):
-        entry_ok, cursor, name, count = _frame_list(buf, words, np.where(ok, cursor, start), end)
-        ok &= entry_ok & (counts[name, np.arange(len(start))] == 0)
-        counts[name, np.arange(len(start))] = np.where(ok, count, 0)
+        entry_ok, cursor, name, count, first = _frame_list(buf, words, np.where(ok, cursor, start), end)
+        ok &= entry_ok & (counts[name, every] == 0)
+        counts[name, every] = np.where(ok, count, 0)
+        feature_starts[name, every] = first
     ok &= (cursor == end) & (counts[0] > 0) & (counts[0] == counts[1])
     fields = _features(buf, words, context_start, context_end, np.flatnonzero(ok), table, _context_shape)
-    return _finish(fields, buf, num_classes, counts[0])
+    return _finish(fields, buf, num_classes, counts[0], feature_starts)
 
 
 def _frame_list(buf, words, pos, end):
-    """One FeatureLists map entry at buf[pos]: (ok, position after it, 0 for rgb / 1 for audio, frames)."""
+    """One FeatureLists map entry at buf[pos]: (ok, position after it, 0 for rgb / 1 for audio, frames,
+    position of the first frame's bytes)."""
     entry_ok, entry_start, entry_end = _message(words, pos, end, _TAG1)
     key_length = buf[entry_start + 1].astype(np.int64)
     ok = entry_ok & (buf[entry_start] == _TAG1)
@@ -469,7 +484,8 @@ def _frame_list(buf, words, pos, end):
     ok &= count * stride == list_end - list_start
     for index, frame_list in enumerate(_LISTS):
         ok &= _frames_ok(words, list_start, np.where(ok & (name == index), count, 0), frame_list)
-    return ok, np.where(ok, entry_end, end), name, count
+    prefix = np.array([len(frame_list.prefix) for frame_list in _LISTS])[name]
+    return ok, np.where(ok, entry_end, end), name, count, list_start + prefix
 
 
 def _frames_ok(words, start, count, frame_list: _FrameList) -> np.ndarray:

@@ -5,6 +5,14 @@ check the id, the labels and the feature sizes. Rows locate records by shard and
 header byte offset (tfrecord.read_record_at) and carry id, sorted labels and
 frame count; assign_subsets then splits the videos into train / eval / test by a
 salted hash of the id alone.
+
+For readers (reader.py), each row also says where the record's features are:
+rgb_at / audio_at, the byte positions in the record's data where the rgb and the
+audio bytes begin (video level: the mean_rgb / mean_audio floats; frame level:
+the first frame's, the others following fastparse.FRAME_STRIDES apart), or -1
+where the record is not in the usual layout (read it with protobuf); and
+data_crc, the masked CRC-32C stored after the record, so a reader can tell
+that the bytes it reads are the ones indexed.
 """
 from __future__ import annotations
 
@@ -33,18 +41,21 @@ from .io import atomic_path, write_json
 from .quantization import dequantize
 from . import fastparse
 from .tfrecord import (
-    HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, record_layout, scan_buffer, write_records,
+    HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, masked_crc, record_layout, scan_buffer,
+    write_records,
 )
 
 RGB_DIM, AUDIO_DIM = 1024, 128
 ID_KEYS = {2: "id", 1: "video_id"}
 LEVELS = ("video", "frame")
 SUBSETS = ("train", "eval", "test")
-COLUMNS = ["shard", "level", "split", "offset", "length", "id", "labels", "num_frames"]
+COLUMNS = ["shard", "level", "split", "offset", "length", "id", "labels", "num_frames", "rgb_at", "audio_at",
+           "data_crc"]
 PARQUET_SCHEMA = pa.schema([
     ("shard", pa.string()), ("level", pa.string()), ("split", pa.string()),
     ("offset", pa.int64()), ("length", pa.int64()), ("id", pa.string()),
-    ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("subset", pa.string()),
+    ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("rgb_at", pa.int32()), ("audio_at", pa.int32()),
+    ("data_crc", pa.int64()), ("subset", pa.string()),
 ])
 # Shards are read, checked and parsed in batches of about this many bytes: enough records that
 # numpy's per-call costs hardly count, few enough bytes that two workers stay busy to the end.
@@ -112,11 +123,11 @@ def _parse_frame(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[
         seq = example_pb2.SequenceExample.FromString(data)
     except DecodeError as err:
         raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
-    video_id, labels, rgb, _ = _frame_fields(seq, id_key, num_classes)
+    video_id, labels, rgb, _ = frame_fields(seq, id_key, num_classes)
     return video_id, labels, len(rgb)
 
 
-def _frame_fields(seq, id_key: str, num_classes: int) -> tuple[str, list[int], np.ndarray, np.ndarray]:
+def frame_fields(seq, id_key: str, num_classes: int) -> tuple[str, list[int], np.ndarray, np.ndarray]:
     """id, sorted labels and the uint8 rgb [frames, 1024] and audio [frames, 128] of a frame-level record."""
     context = seq.context.feature
     ids = context[id_key].bytes_list.value
@@ -291,7 +302,7 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-class _Buffer:
+class ReadBuffer:
     """A read buffer reused by the batches of a run: fresh memory costs a page fault per 4 KB."""
 
     def __init__(self):
@@ -305,9 +316,9 @@ class _Buffer:
 
 class _ThreadBuffers(threading.local):
     def __init__(self):
-        self.buffer = _Buffer()
+        self.buffer = ReadBuffer()
 
-    def get(self) -> _Buffer:
+    def get(self) -> ReadBuffer:
         return self.buffer
 
 
@@ -339,7 +350,7 @@ class _Loaded:
     file_of: np.ndarray
 
 
-def _read_batch(shards: list[tuple], buffer: _Buffer) -> _Read:
+def _read_batch(shards: list[tuple], buffer: ReadBuffer) -> _Read:
     """Read the batch's files back to back (as long as they were when batched), following each one's
     length fields while it is in the cache."""
     buf = buffer.get(sum(shard[-1] for shard in shards) + fastparse.PADDING)
@@ -393,7 +404,10 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
     file_start = np.array([start for start, _ in batch.spans], np.int64)[batch.file_of]
     task = np.array([shard[0] for shard in batch.shards], np.int64)[batch.file_of]
     ok = parsed.ok
-    parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed)]
+    data_start = batch.offsets + HEADER_SIZE
+    crc = _stored_crcs(batch.buf, data_start[ok] + batch.lengths[ok])
+    parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed,
+                               parsed.feature_starts - data_start[ok], crc)]
     parse, left, bad = _parser(version, level), np.flatnonzero(~ok), []
     for position, (number, path, name, *_) in enumerate(batch.shards):
         if batch.good[position] and not len(left):
@@ -405,6 +419,11 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
         return parts[0], bad
     rows = _Rows.concat(parts)
     return (rows if len(parts[0]) == len(rows) else rows.in_order()), bad
+
+
+def _stored_crcs(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The little-endian uint32 at each position (the masked CRCs after the records), as int64."""
+    return np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))[at].astype(np.int64)
 
 
 def _records_left(batch: _Loaded, position: int, left: np.ndarray):
@@ -429,13 +448,15 @@ def _entry_table(version: int, level: str) -> fastparse.EntryTable:
 
 
 def _parse_each(records, parse, path: Path, name: str, skip: bool) -> tuple[list[tuple], list[dict]]:
-    """Rows (offset, length, id, labels, frames) of (offset, data[, problem]) records; bad ones raise or are listed."""
+    """Rows (offset, length, id, labels, frames, data crc) of (offset, data[, problem]) records; bad ones raise or
+    are listed."""
     rows, bad = [], []
     for offset, data, *problem in records:
         problem = problem[0] if problem else None
         if problem is None:
             try:
-                rows.append((offset, len(data), *parse(bytes(data))))
+                data = bytes(data)
+                rows.append((offset, len(data), *parse(data), masked_crc(data)))
                 continue
             except BadRecordError as err:
                 if not skip:
@@ -458,28 +479,34 @@ class _Rows:
     id_sizes: np.ndarray
     labels: list[list[int]]
     frames: np.ndarray
+    feature_at: np.ndarray  # [2, n]: rgb_at, audio_at (-1: not the usual layout)
+    crc: np.ndarray
+
+    _ARRAYS = ("task", "offset", "length", "id_sizes", "frames", "crc")
 
     @classmethod
-    def from_parsed(cls, task, offset, length, parsed: fastparse.Parsed) -> _Rows:
+    def from_parsed(cls, task, offset, length, parsed: fastparse.Parsed, feature_at, crc) -> _Rows:
         return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes,
-                   _label_lists(parsed.label_counts, parsed.label_values), parsed.frames)
+                   _label_lists(parsed.label_counts, parsed.label_values), parsed.frames, feature_at, crc)
 
     @classmethod
     def from_tuples(cls, task: int, rows: list[tuple]) -> _Rows:
-        """rows: (offset, length, id, sorted labels, frames)."""
+        """rows: (offset, length, id, sorted labels, frames, data crc), records not in the usual layout."""
         ids = [row[2].encode() for row in rows]
         return cls(np.full(len(rows), task, np.int64), np.array([row[0] for row in rows], np.int64),
                    np.array([row[1] for row in rows], np.int64), np.frombuffer(b"".join(ids), np.uint8),
                    np.array([len(i) for i in ids], np.int64), [row[3] for row in rows],
-                   np.array([row[4] for row in rows], np.int32))
+                   np.array([row[4] for row in rows], np.int32), np.full((2, len(rows)), -1, np.int64),
+                   np.array([row[5] for row in rows], np.int64))
 
     @classmethod
     def concat(cls, parts: list[_Rows]) -> _Rows:
         if not parts:
             return cls.from_tuples(0, [])
         arrays = {name: np.concatenate([getattr(part, name) for part in parts])
-                  for name in ("task", "offset", "length", "id_bytes", "id_sizes", "frames")}
-        return cls(**arrays, labels=list(chain.from_iterable(part.labels for part in parts)))
+                  for name in (*cls._ARRAYS, "id_bytes")}
+        return cls(**arrays, labels=list(chain.from_iterable(part.labels for part in parts)),
+                   feature_at=np.concatenate([part.feature_at for part in parts], axis=1))
 
     def __len__(self) -> int:
         return len(self.task)
@@ -487,9 +514,9 @@ class _Rows:
     def in_order(self) -> _Rows:
         """The rows sorted by shard, then offset."""
         order = np.lexsort((self.offset, self.task))
-        return _Rows(self.task[order], self.offset[order], self.length[order],
-                     _reorder_runs(self.id_bytes, self.id_sizes, order), self.id_sizes[order],
-                     [self.labels[i] for i in order.tolist()], self.frames[order])
+        arrays = {name: getattr(self, name)[order] for name in self._ARRAYS}
+        return _Rows(**arrays, id_bytes=_reorder_runs(self.id_bytes, self.id_sizes, order),
+                     labels=[self.labels[i] for i in order.tolist()], feature_at=self.feature_at[:, order])
 
     def ids(self) -> pa.Array:
         return pa.StringArray.from_buffers(len(self), pa.py_buffer(_run_offsets(self.id_sizes)),
@@ -538,6 +565,9 @@ def _rows_frame(tasks: list[tuple], rows: _Rows) -> pd.DataFrame:
         "id": _strings(rows.ids()),
         "labels": pd.Series(rows.labels, dtype=object),
         "num_frames": rows.frames.astype(np.int32, copy=False),
+        "rgb_at": rows.feature_at[0].astype(np.int32),
+        "audio_at": rows.feature_at[1].astype(np.int32),
+        "data_crc": rows.crc.astype(np.int64, copy=False),
     }, copy=False)
 
 
@@ -637,7 +667,7 @@ def derive_video_level(frame_record: bytes, version: int) -> bytes:
         seq = example_pb2.SequenceExample.FromString(frame_record)
     except DecodeError as err:
         raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
-    _, _, rgb, audio = _frame_fields(seq, id_key, NUM_CLASSES[version])
+    _, _, rgb, audio = frame_fields(seq, id_key, NUM_CLASSES[version])
     example = example_pb2.Example()
     out = example.features.feature
     out[id_key].CopyFrom(seq.context.feature[id_key])

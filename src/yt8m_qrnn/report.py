@@ -617,6 +617,11 @@ BENCH_RUN_HINT = ("`snakemake --cores all results/bench/summary.json` or `dvc re
                   "select the Figure 4 grid of the QRNN paper and the YouTube-8M shape")
 
 
+def _rates(read: dict) -> dict:
+    return {"Videos/s": fmt_rate(read["videos_per_s"]), "MB/s": fmt_rate(read["mb_per_s"]),
+            "Frames/s": fmt_rate(read["frames_per_s"])}
+
+
 def bench_section(results: Path) -> list[str]:
     """Part 6, "QRNN speed": results/bench/ (yt8m_qrnn.bench) as tables, the targets marked met or not, the figure."""
     folder = Path(results) / "bench"
@@ -717,15 +722,12 @@ def bench_section(results: Path) -> list[str]:
             "### Input pipeline",
             "",
             markdown_table(pd.DataFrame([row for row in [
-                {"Read": "raw `tf.data.TFRecordDataset` of the files", "Videos/s": fmt_rate(raw["videos_per_s"]),
-                 "MB/s": fmt_rate(raw["mb_per_s"]), "Frames/s": fmt_rate(raw["frames_per_s"])},
-                {"Read": "parse and decode alone (`yt8m_qrnn.data.frame_batch_parser`, batches in parallel)",
-                 "Videos/s": fmt_rate(pipeline["parse_only"]["videos_per_s"]),
-                 "MB/s": fmt_rate(pipeline["parse_only"]["mb_per_s"]),
-                 "Frames/s": fmt_rate(pipeline["parse_only"]["frames_per_s"])} if "parse_only" in pipeline else None,
-                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, parse, decode, pad, select, batch)",
-                 "Videos/s": fmt_rate(stream["videos_per_s"]), "MB/s": fmt_rate(stream["mb_per_s"]),
-                 "Frames/s": fmt_rate(stream["frames_per_s"])},
+                {"Read": "raw `tf.data.TFRecordDataset` of the files", **_rates(raw)},
+                {"Read": "the stream's batches built one after another in one thread, without tf.data "
+                         "(`yt8m_qrnn.reader.FrameBatches`)",
+                 **_rates(pipeline["batches_only"])} if "batches_only" in pipeline else None,
+                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, read at the index's offsets, check CRCs, "
+                         "decode, pad, batch in parallel)", **_rates(stream)},
             ] if row is not None])),
             "",
             f"{pipeline['videos']:,} videos ({pipeline['frames']:,} frames, {pipeline['bytes'] / 1e6:.1f} MB) read "
@@ -733,8 +735,7 @@ def bench_section(results: Path) -> list[str]:
             f"{pipeline['source']}; batch {pipeline['batch_size']}; the stream yields uint8 frames, dequantized by "
             "the models; "
             f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate"
-            + (f"; a new stream gives its first batch {1e3 * stream['first_batch_s']:.0f} ms after it is started "
-               "(every epoch restarts the stream's per-epoch part; included above)."
+            + (f"; a new stream gives its first batch {1e3 * stream['first_batch_s']:.0f} ms after it is started."
                if "first_batch_s" in stream else "."),
             "",
         ]
