@@ -212,3 +212,17 @@ def test_an_index_without_the_feature_columns_is_a_clear_error(shards):
     old = shards["frame"].drop(columns=["rgb_at", "audio_at", "data_crc"])
     with pytest.raises(ValueError, match="no rgb_at, audio_at, data_crc column .* rerun the index stage"):
         FrameBatches(shards["root"], old, 2, C, 10)
+
+
+def test_batches_built_in_several_threads_at_once_are_the_serial_ones(shards):
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows, root = shards["frame"], shards["root"]
+    batches = FrameBatches(root, rows, 2, C, 11)
+    orders = [np.random.default_rng(seed).permutation(len(rows))[:16] for seed in range(24)]
+    serial = [batches(order) for order in orders]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(batches, orders))
+    for one, other in zip(serial, parallel):
+        for a, b in zip(one, other):
+            np.testing.assert_array_equal(a, b)

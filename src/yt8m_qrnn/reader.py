@@ -63,7 +63,9 @@ class _Batches:
         self.label_first = np.cumsum(self.label_count) - self.label_count
         self.label_values = np.concatenate([np.asarray(v, np.int64) for v in rows["labels"]] or [np.zeros(0, np.int64)])
         self.version, self.num_classes = version, num_classes
-        self._buffers = threading.local()
+        # one read buffer per OS thread: TensorFlow runs a numpy_function under a new Python thread state each
+        # call, so a threading.local would be new each call too
+        self._buffers: dict[int, ReadBuffer] = {}
         self._maps: dict[int, np.ndarray] = {}
         self._mapping = threading.Lock()
 
@@ -99,18 +101,18 @@ class _Batches:
         sizes = HEADER_SIZE + self.length[positions] + FOOTER_SIZE
         starts = np.cumsum(sizes) - sizes
         total = int(sizes.sum())
-        buffer = self._buffers.__dict__.setdefault("buffer", ReadBuffer())
+        buffer = self._buffers.setdefault(threading.get_ident(), ReadBuffer())
         buf = buffer.get(total + fastparse.PADDING)
         buf[total:] = 0
-        maps = self._maps
-        for start, size, shard, offset in zip(starts.tolist(), sizes.tolist(), self.shard[positions].tolist(),
-                                              self.offset[positions].tolist()):
+        maps, records = self._maps, []
+        for size, shard, offset in zip(sizes.tolist(), self.shard[positions].tolist(), self.offset[positions].tolist()):
             source = maps[shard] if shard in maps else self._map(shard)
             if offset + size > len(source):
                 raise CorruptRecordError(self.paths[shard], offset,
                                          f"file ends inside the record the index places there ({size} bytes): "
                                          "rerun the index stage")
-            buf[start:start + size] = source[offset:offset + size]
+            records.append(source[offset:offset + size])
+        np.concatenate(records, out=buf[:total])
         return buf, starts
 
     def _map(self, shard: int) -> np.ndarray:
