@@ -33,7 +33,8 @@ from .tfrecord import FOOTER_SIZE, HEADER_SIZE, CorruptRecordError, RecordError,
 
 RGB_DIM, AUDIO_DIM = fastparse.RGB_DIM, fastparse.AUDIO_DIM
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
-# TensorFlow takes a numpy_function's result without copying it when it is aligned to this
+# Arrays handed to TensorFlow start at a multiple of this (its own alignment for tensors): the stream is a few
+# percent faster than with malloc's 16 bytes (benchmarks: the bench stage's input pipeline)
 _ALIGNMENT = 64
 
 
