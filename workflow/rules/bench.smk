@@ -12,6 +12,7 @@ rule bench:
         code=f"{PY}/bench.py",
         qrnn=f"{PY}/qrnn.py",
         data=f"{PY}/data.py",
+        reader=f"{PY}/reader.py",
     output:
         grid="results/bench/layer_grid.json",
         pooling="results/bench/pooling.json",

@@ -97,6 +97,7 @@ rule index:
         script=f"{SCRIPTS}/index.py",
         code=f"{PY}/index.py",
         tfrecord=f"{PY}/tfrecord.py",
+        fastparse=f"{PY}/fastparse.py",
     output:
         index="results/index/index.parquet",
         stats="results/index/label_stats.json",

@@ -8,6 +8,7 @@ rule train:
         models=f"{PY}/models.py",
         qrnn=f"{PY}/qrnn.py",
         data=f"{PY}/data.py",
+        reader=f"{PY}/reader.py",
     output:
         model="results/models/{model}/model.keras",
         stats="results/models/{model}/train_stats.json",
@@ -32,6 +33,7 @@ rule evaluate:
         code=f"{PY}/evaluate.py",
         metrics=f"{PY}/metrics.py",
         data=f"{PY}/data.py",
+        reader=f"{PY}/reader.py",
     output:
         predictions="results/eval/{model}/eval_predictions.csv",
         submission="results/eval/{model}/submission.csv",
