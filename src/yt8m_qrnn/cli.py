@@ -52,12 +52,11 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
     except EXPECTED_ERRORS as err:
         fail(str(err))
     except Exception as err:
-        if not _is_data_loss(err):
+        record_error = _record_error(err)
+        if record_error is None:
             raise
-        located = pipeline.locate_corrupt_record(str(err))
-        fail((located or f"a shard is corrupted: {_first_line(str(err))}")
-             + "; the shards changed after they were indexed: run the fetch stage again "
-               "(dvc repro, or snakemake --forcerun fetch)")
+        fail(record_error + "; the shards changed after they were indexed: run the fetch stage again "
+                            "(dvc repro, or snakemake --forcerun fetch)")
 
 
 @contextlib.contextmanager
@@ -90,14 +89,17 @@ def _remove_outputs(stage: str, model: str | None) -> None:
         log.info("removed the outputs of the failed stage: %s", ", ".join(map(str, removed)))
 
 
-def _is_data_loss(err: BaseException) -> bool:
-    """TensorFlow's DataLossError (a record that fails its CRC while training or evaluating)."""
-    return type(err).__name__ == "DataLossError" and type(err).__module__.startswith("tensorflow")
+_READER_ERROR = re.compile(r"\b(?:CorruptRecordError|BadRecordError|RecordError): (.+? record at byte offset \d+: .+)$",
+                           re.M)
 
 
-def _first_line(text: str) -> str:
-    text = re.sub(r"\{\{[^}]*\}\}\s*", "", text)  # TensorFlow's "{{function_node ...}}" prefix
-    return text.strip().splitlines()[0] if text.strip() else "no details"
+def _record_error(err: BaseException) -> str | None:
+    """The reader's one-line error (file, offset, what is wrong) inside a TensorFlow error: the input pipeline
+    reads records in a numpy_function, whose exceptions reach the training loop wrapped by TensorFlow."""
+    if not type(err).__module__.startswith("tensorflow"):
+        return None
+    found = _READER_ERROR.search(str(err))
+    return found.group(1).strip() if found else None
 
 
 def _one_line(text: str) -> str:

@@ -318,27 +318,3 @@ def remove_outputs(stage: str, model: str | None = None) -> list[Path]:
             continue
         removed.append(path)
     return removed
-
-
-def locate_corrupt_record(message: str) -> str | None:
-    """Name the shard and record behind TensorFlow's "corrupted record at N" (no file name there).
-
-    Candidates are the indexed records whose header is at N or whose data starts at N;
-    each is read with its CRCs checked. Returns the one-line error of the first bad one.
-    """
-    from .tfrecord import HEADER_SIZE, RecordError, read_record_at
-
-    found = re.search(r"(?:corrupted|truncated) record at (\d+)", message)
-    if not found or not INDEX.exists():
-        return None
-    position = int(found.group(1))
-    import pandas as pd
-
-    index = pd.read_parquet(INDEX, columns=["shard", "offset"])
-    candidates = index[index["offset"].isin([position, position - HEADER_SIZE])]
-    for shard, offset in candidates.drop_duplicates().itertuples(index=False):
-        try:
-            read_record_at(DATA_ROOT / shard, int(offset))
-        except (RecordError, OSError) as err:
-            return str(err)
-    return None
