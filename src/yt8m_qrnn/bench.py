@@ -457,7 +457,7 @@ def shard_rows(data_root: Path, shards: list[tuple[int, str]], version: int):
 
 
 def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
-    from .data import MAX_FRAMES, epoch_seed, make_training_stream
+    from .data import MAX_FRAMES, epoch_seed, make_training_stream, row_order
     from .reader import FrameBatches
 
     max_files, batch_size, repeats = int(cfg["max_files"]), int(cfg["batch_size"]), int(cfg["repeats"])
@@ -500,7 +500,7 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
             """The stream's batches built one after another in this thread, without tf.data."""
             counted["batches_only"] = 0
             for epoch in range(epochs):
-                order = np.random.default_rng(epoch_seed(0, epoch)).permutation(len(rows))
+                order = row_order(len(rows), epoch_seed(0, epoch))
                 for start in range(0, len(order), batch_size):
                     counted["batches_only"] += len(batches(order[start:start + batch_size])[1])
 
@@ -532,7 +532,7 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
                         "mb_per_s": total_bytes / MB / seconds, "frames_per_s": result["frames"] / seconds,
                         "timings": timed[name]}
     result["share_of_raw"] = result["pipeline"]["mb_per_s"] / result["raw"]["mb_per_s"]
-    result["pipeline"]["first_batch_s"] = first_batch_s  # a fresh stream's start-up (each epoch restarts part of it)
+    result["pipeline"]["first_batch_s"] = first_batch_s  # a fresh stream's start-up
     progress(f"input pipeline: {result['pipeline']['videos_per_s']:.0f} videos/s, "
              f"{result['pipeline']['mb_per_s']:.1f} MB/s; raw read {result['raw']['videos_per_s']:.0f} videos/s, "
              f"{result['raw']['mb_per_s']:.1f} MB/s ({100 * result['share_of_raw']:.0f}%); batches built in "

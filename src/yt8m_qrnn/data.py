@@ -61,10 +61,10 @@ class _Pipeline:
     def batches(self, epochs: tf.data.Dataset, seed_of_epoch: Callable[[int], int | None],
                 skip: int = 0) -> tf.data.Dataset:
         """The batches of the given epochs but the first `skip`, each epoch's rows in the order
-        self.order(seed_of_epoch(epoch)), read in parallel, in order."""
+        row_order(rows, seed_of_epoch(epoch)), read in parallel, in order."""
         def table(epoch) -> np.ndarray:
             """The epoch's row positions, a batch per row; the last batch is padded with -1."""
-            order = self.order(seed_of_epoch(int(epoch)))
+            order = row_order(self.count, seed_of_epoch(int(epoch)))
             padded = np.full(steps_per_epoch(self.count, self.batch_size) * self.batch_size, -1, np.int64)
             padded[:len(order)] = order
             return padded.reshape(-1, self.batch_size)
@@ -86,9 +86,6 @@ class _Pipeline:
         labels = tf.ensure_shape(labels, [None, self.num_classes])
         return (tf.gather(self.ids, positions), inputs, labels) if self.with_ids else (inputs, labels)
 
-    def order(self, seed: int | None) -> np.ndarray:
-        """Every row position once: in row order, or a permutation drawn with `seed`."""
-        return np.arange(self.count) if seed is None else np.random.default_rng(seed).permutation(self.count)
 
 
 def make_dataset(
@@ -111,6 +108,11 @@ def make_dataset(
     pipeline = _Pipeline(data_root, rows, level, version, num_classes, batch_size, max_frames, with_ids)
     one_pass = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64))
     return pipeline.batches(one_pass, lambda _: seed if shuffle else None).prefetch(tf.data.AUTOTUNE)
+
+
+def row_order(count: int, seed: int | None) -> np.ndarray:
+    """Every row position once: in row order, or a permutation drawn with `seed`."""
+    return np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
 
 
 def epoch_seed(seed: int, epoch):

@@ -42,7 +42,7 @@ from .quantization import dequantize
 from . import fastparse
 from .tfrecord import (
     HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, masked_crc, record_layout, scan_buffer,
-    write_records,
+    stored_crcs, write_records,
 )
 
 RGB_DIM, AUDIO_DIM = 1024, 128
@@ -405,7 +405,7 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
     task = np.array([shard[0] for shard in batch.shards], np.int64)[batch.file_of]
     ok = parsed.ok
     data_start = batch.offsets + HEADER_SIZE
-    crc = _stored_crcs(batch.buf, data_start[ok] + batch.lengths[ok])
+    crc = stored_crcs(batch.buf, data_start[ok] + batch.lengths[ok])
     parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed,
                                parsed.feature_starts - data_start[ok], crc)]
     parse, left, bad = _parser(version, level), np.flatnonzero(~ok), []
@@ -419,11 +419,6 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
         return parts[0], bad
     rows = _Rows.concat(parts)
     return (rows if len(parts[0]) == len(rows) else rows.in_order()), bad
-
-
-def _stored_crcs(buf: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The little-endian uint32 at each position (the masked CRCs after the records), as int64."""
-    return np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))[at].astype(np.int64)
 
 
 def _records_left(batch: _Loaded, position: int, left: np.ndarray):
