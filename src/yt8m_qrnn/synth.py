@@ -77,7 +77,7 @@ def frame_example(video: Video) -> bytes:
     for frame in video.frames:
         rgb.add().bytes_list.value.append(frame[:RGB_DIM].tobytes())
         audio.add().bytes_list.value.append(frame[RGB_DIM:].tobytes())
-    return seq.SerializeToString()
+    return seq.SerializeToString(deterministic=True)  # map entries in key order
 
 
 def video_example(video: Video) -> bytes:
@@ -89,7 +89,7 @@ def video_example(video: Video) -> bytes:
     example.features.feature["labels"].int64_list.value.extend(video.labels)
     example.features.feature["mean_rgb"].float_list.value.extend(mean[:RGB_DIM].tolist())
     example.features.feature["mean_audio"].float_list.value.extend(mean[RGB_DIM:].tolist())
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)
 
 
 def write_tfrecord(path: Path, records: list[bytes]) -> str:
