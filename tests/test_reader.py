@@ -126,17 +126,18 @@ def test_video_batches_are_the_stored_floats(shards):
     check_labels(rows, positions, labels)
 
 
-def test_a_byte_changed_after_indexing_names_file_and_offset(shards):
+@pytest.mark.parametrize("at, problem", [(12 + 100, "bad data crc"), (9, "bad length crc")])
+def test_a_byte_changed_after_indexing_names_file_and_offset(shards, at, problem):
     rows, root = shards["frame"], shards["root"]
     row = rows.iloc[30]
     path = root / row["shard"]
     raw = bytearray(path.read_bytes())
-    raw[int(row["offset"]) + 12 + 100] ^= 0x01
+    raw[int(row["offset"]) + at] ^= 0x01
     path.write_bytes(bytes(raw))
     batches = FrameBatches(root, rows, 2, C, 11)
     batches(np.arange(25))  # the other shard is untouched
     with pytest.raises(CorruptRecordError, match=re.escape(f"{path}: record at byte offset {row['offset']}: "
-                                                           "bad data crc")):
+                                                           f"{problem}")):
         batches(np.array([0, 30, 31]))
 
 

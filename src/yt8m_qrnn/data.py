@@ -14,10 +14,10 @@ Two entry points:
   run's seed and the epoch number only), so a run resumed at epoch e / batch b
   sees exactly the batches an uninterrupted run would have seen from that point on.
 
-A batch is a list of row positions; reader.VideoBatches / FrameBatches copy its
-records out of the memory-mapped shards at the offsets the index found, check
-them against the index's CRCs, and copy the features out of the serialized
-bytes where the index located them. Batches are built in parallel, in order. Shuffling is a full permutation of the
+A batch is a list of row positions; reader.VideoBatches / FrameBatches check its
+records in place, in the memory-mapped shards at the offsets the index found,
+against the index's CRCs, and copy the features out of them where the index
+located them. Batches are built in parallel, in order. Shuffling is a full permutation of the
 selected rows each epoch (the starter shuffles files, then a buffer of a few
 batches), and only the selected records are ever read.
 """

@@ -302,7 +302,7 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-class ReadBuffer:
+class _ReadBuffer:
     """A read buffer reused by the batches of a run: fresh memory costs a page fault per 4 KB."""
 
     def __init__(self):
@@ -316,9 +316,9 @@ class ReadBuffer:
 
 class _ThreadBuffers(threading.local):
     def __init__(self):
-        self.buffer = ReadBuffer()
+        self.buffer = _ReadBuffer()
 
-    def get(self) -> ReadBuffer:
+    def get(self) -> _ReadBuffer:
         return self.buffer
 
 
@@ -350,7 +350,7 @@ class _Loaded:
     file_of: np.ndarray
 
 
-def _read_batch(shards: list[tuple], buffer: ReadBuffer) -> _Read:
+def _read_batch(shards: list[tuple], buffer: _ReadBuffer) -> _Read:
     """Read the batch's files back to back (as long as they were when batched), following each one's
     length fields while it is in the cache."""
     buf = buffer.get(sum(shard[-1] for shard in shards) + fastparse.PADDING)

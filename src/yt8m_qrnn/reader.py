@@ -2,14 +2,14 @@
 
 The index located every record (shard, header offset, data length), checked it,
 and noted where its features are and the CRC stored after it. The shards are
-memory-mapped (once per reader, read-only) and a batch's records copied from
-them into one buffer; each record's length and stored CRC must be the ones
-indexed (so these are the bytes the index checked) and its data must match that
-CRC (one crc32c pass). The features are then copied
-out of the serialized records at the indexed positions, with no protobuf message
-built: at video level the two float lists, at frame level every frame's rgb and
-audio bytes, in one gather per batch. Records the index did not find in the
-usual layout (rgb_at -1) are parsed with protobuf and checked against their row.
+memory-mapped (once per reader, read-only) and each record of a batch is checked
+in place: its length field and stored CRC must be the ones indexed (so these are
+the bytes the index checked), and its length and data must match their CRCs.
+The features are then copied from the mapped record straight into the batch,
+with no protobuf message built: at video level the two float lists, at frame
+level the rgb and audio bytes of every frame (strided views, a fixed number of
+bytes apart). Records the index did not find in the usual layout (rgb_at -1)
+are parsed with protobuf and checked against their row.
 
 A shard must not be cut short in place while a reader has it mapped (reading
 past the end of a mapped file kills the process with SIGBUS); replacing it with
@@ -28,14 +28,14 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.example import example_pb2
 
 from . import fastparse
-from .index import COLUMNS, ID_KEYS, BadRecordError, ReadBuffer, frame_fields, parse_video_record
-from .tfrecord import (
-    FOOTER_SIZE, HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, scan_buffer, stored_crcs, stored_lengths,
-)
+from .index import COLUMNS, ID_KEYS, BadRecordError, frame_fields, parse_video_record
+from .tfrecord import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, CorruptRecordError, RecordError, masked_crc, scan_buffer
 
 RGB_DIM, AUDIO_DIM = fastparse.RGB_DIM, fastparse.AUDIO_DIM
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
-# Arrays handed to TensorFlow start at a multiple of this, TensorFlow's own alignment for tensors (malloc gives 16)
+RGB_STRIDE, AUDIO_STRIDE = fastparse.FRAME_STRIDES
+# Arrays handed to TensorFlow start at a multiple of this, TensorFlow's own alignment for tensors (malloc gives
+# 16): tf.data then takes a numpy_function's result without copying it
 _ALIGNMENT = 64
 
 
@@ -43,7 +43,7 @@ class _Batches:
     """Callable: index row positions -> (features [n, ...], num_frames int32 [n], labels float32 [n, C]).
 
     rows: index rows of one level; positions count from 0 in their order. Safe to
-    call from several threads at once (each thread reads into a buffer of its own).
+    call from several threads at once.
     """
 
     def __init__(self, data_root: Path, rows: pd.DataFrame, version: int, num_classes: int):
@@ -65,84 +65,59 @@ class _Batches:
         self.label_first = np.cumsum(self.label_count) - self.label_count
         self.label_values = np.concatenate([np.asarray(v, np.int64) for v in rows["labels"]] or [np.zeros(0, np.int64)])
         self.version, self.num_classes = version, num_classes
-        # one read buffer per OS thread: TensorFlow runs a numpy_function under a new Python thread state each
-        # call, so a threading.local would be new each call too
-        self._buffers: dict[int, ReadBuffer] = {}
-        self._maps: dict[int, np.ndarray] = {}
+        self._maps: dict[int, memoryview] = {}
         self._mapping = threading.Lock()
 
     def __call__(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         positions = np.asarray(positions, np.int64)
-        buf, starts = self._read(positions)
-        self._check(buf, starts, positions)
         features = self._empty(len(positions))
-        data_start = starts + HEADER_SIZE
-        usual = self.rgb_at[positions] >= 0
-        if usual.all():
-            self._copy(features, buf, data_start, positions)
-        else:
-            self._copy_some(features, buf, data_start, positions, usual)
+        maps = self._maps
+        for out, position, shard, offset, length, crc in zip(
+                features, positions.tolist(), *(column[positions].tolist() for column in
+                                                (self.shard, self.offset, self.length, self.crc))):
+            source = maps[shard] if shard in maps else self._map(shard)
+            data_start = self._checked(source, position, offset, length, crc)
+            if self.rgb_at[position] >= 0:
+                self._copy(out, source, data_start, position)
+            else:
+                try:
+                    self._parse_one(out, bytes(source[data_start:data_start + length]), position)
+                except BadRecordError as err:
+                    raise err.at(self._path(position), offset) from None
         return features, self._num_frames(positions), self._multi_hot(positions)
 
-    def _copy_some(self, features, buf, data_start, positions, usual) -> None:
-        rest = np.flatnonzero(~usual)
-        parsed = self._empty(len(rest))
-        for k, i in enumerate(rest.tolist()):
-            position, start = int(positions[i]), int(data_start[i])
-            try:
-                self._parse_one(parsed[k], buf[start:start + self.length[position]].tobytes(), position)
-            except BadRecordError as err:
-                raise err.at(self._path(position), int(self.offset[position])) from None
-        fast = np.flatnonzero(usual)
-        some = self._empty(len(fast))
-        self._copy(some, buf, data_start[fast], positions[fast])
-        features[fast], features[rest] = some, parsed
-
-    def _read(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The framed records back to back (then fastparse.PADDING zero bytes) and where each one starts."""
-        sizes = HEADER_SIZE + self.length[positions] + FOOTER_SIZE
-        starts = np.cumsum(sizes) - sizes
-        total = int(sizes.sum())
-        buffer = self._buffers.setdefault(threading.get_ident(), ReadBuffer())
-        buf = buffer.get(total + fastparse.PADDING)
-        buf[total:] = 0
-        maps, records = self._maps, []
-        for size, shard, offset in zip(sizes.tolist(), self.shard[positions].tolist(), self.offset[positions].tolist()):
-            source = maps[shard] if shard in maps else self._map(shard)
-            if offset + size > len(source):
-                raise CorruptRecordError(self.paths[shard], offset,
-                                         f"file ends inside the record the index places there ({size} bytes): "
-                                         "rerun the index stage")
-            records.append(source[offset:offset + size])
-        np.concatenate(records, out=buf[:total])
-        return buf, starts
-
-    def _map(self, shard: int) -> np.ndarray:
+    def _map(self, shard: int) -> memoryview:
         with self._mapping:
             if shard not in self._maps:
                 with open(self.paths[shard], "rb") as f:
                     empty = os.fstat(f.fileno()).st_size == 0  # mmap refuses empty files
-                    self._maps[shard] = np.zeros(0, np.uint8) if empty else np.frombuffer(
-                        mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+                    self._maps[shard] = memoryview(b"" if empty else mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
             return self._maps[shard]
 
-    def _check(self, buf: np.ndarray, starts: np.ndarray, positions: np.ndarray) -> None:
-        """CorruptRecordError / RecordError unless every record holds the indexed bytes, intact."""
-        lengths = self.length[positions]
-        stored_length = stored_lengths(buf, starts)
-        stored_crc = stored_crcs(buf, starts + HEADER_SIZE + lengths)
-        if ((stored_length == lengths) & (stored_crc == self.crc[positions])).all() and \
-                crcs_match(buf, starts, lengths):
-            return
-        for i, position in enumerate(positions.tolist()):
-            record = buf[starts[i]:starts[i] + HEADER_SIZE + lengths[i] + FOOTER_SIZE].tobytes()
-            for _, data, problem in scan_buffer(record):
-                if problem is not None:
-                    raise CorruptRecordError(self._path(position), int(self.offset[position]), problem)
-            if stored_length[i] != lengths[i] or stored_crc[i] != self.crc[position]:
-                raise RecordError(self._path(position), int(self.offset[position]),
-                                  f"not the record indexed there (length {stored_length[i]}, crc {stored_crc[i]:#x}; "
-                                  f"indexed: {lengths[i]}, {self.crc[position]:#x}): rerun the index stage")
+    def _checked(self, source: memoryview, position: int, offset: int, length: int, crc: int) -> int:
+        """Where the record's data starts in source; CorruptRecordError / RecordError unless the record there
+        holds the indexed bytes, intact."""
+        data_start = offset + HEADER_SIZE
+        end = data_start + length + FOOTER_SIZE
+        if end > len(source):
+            raise CorruptRecordError(self._path(position), offset,
+                                     f"file ends inside the record the index places there "
+                                     f"({end - offset} bytes): rerun the index stage")
+        stored_length, length_crc = HEADER.unpack_from(source, offset)
+        (stored_crc,) = FOOTER.unpack_from(source, end - FOOTER_SIZE)
+        if stored_length != length or stored_crc != crc or masked_crc(source[offset:offset + 8]) != length_crc \
+                or masked_crc(source[data_start:data_start + length]) != crc:
+            self._explain(bytes(source[offset:end]), position, stored_length, stored_crc)
+        return data_start
+
+    def _explain(self, record: bytes, position: int, stored_length: int, stored_crc: int) -> None:
+        """Raise the error that says what is wrong with a record that failed its checks."""
+        for _, _, problem in scan_buffer(record):
+            if problem is not None:
+                raise CorruptRecordError(self._path(position), int(self.offset[position]), problem)
+        raise RecordError(self._path(position), int(self.offset[position]),
+                          f"not the record indexed there (length {stored_length}, crc {stored_crc:#x}; indexed: "
+                          f"{self.length[position]}, {self.crc[position]:#x}): rerun the index stage")
 
     def _check_row(self, position: int, video_id: str, labels: list[int], frames: int) -> None:
         """RecordError unless a record parsed with protobuf holds what its index row says."""
@@ -171,10 +146,9 @@ class VideoBatches(_Batches):
     def _empty(self, count: int) -> np.ndarray:
         return _aligned_empty((count, FEATURE_DIM), np.float32)
 
-    def _copy(self, out: np.ndarray, buf: np.ndarray, data_start: np.ndarray, positions: np.ndarray) -> None:
-        out_bytes = out.view(np.uint8)
-        out_bytes[:, :4 * RGB_DIM] = _windows(buf, 4 * RGB_DIM)[data_start + self.rgb_at[positions]]
-        out_bytes[:, 4 * RGB_DIM:] = _windows(buf, 4 * AUDIO_DIM)[data_start + self.audio_at[positions]]
+    def _copy(self, out: np.ndarray, source: memoryview, data_start: int, position: int) -> None:
+        out[:RGB_DIM] = np.frombuffer(source, "<f4", RGB_DIM, data_start + int(self.rgb_at[position]))
+        out[RGB_DIM:] = np.frombuffer(source, "<f4", AUDIO_DIM, data_start + int(self.audio_at[position]))
 
     def _parse_one(self, out: np.ndarray, data: bytes, position: int) -> None:
         self._check_row(position, *parse_video_record(data, self.version, "video"))
@@ -197,18 +171,13 @@ class FrameBatches(_Batches):
     def _empty(self, count: int) -> np.ndarray:
         return _aligned_empty((count, self.frames, FEATURE_DIM), np.uint8)
 
-    def _copy(self, out: np.ndarray, buf: np.ndarray, data_start: np.ndarray, positions: np.ndarray) -> None:
-        kept = self._num_frames(positions).astype(np.int64)
-        frame = np.arange(kept.sum()) - np.repeat(np.cumsum(kept) - kept, kept)  # frame number within its video
-        rows = out.reshape(-1, FEATURE_DIM)
-        at = np.repeat(np.arange(len(positions)) * self.frames, kept) + frame
-        for columns, width, start, stride in ((slice(0, RGB_DIM), RGB_DIM, self.rgb_at, fastparse.FRAME_STRIDES[0]),
-                                              (slice(RGB_DIM, None), AUDIO_DIM, self.audio_at,
-                                               fastparse.FRAME_STRIDES[1])):
-            source = np.repeat(data_start + start[positions], kept) + frame * stride
-            rows[at, columns] = _windows(buf, width)[source]
-        padding = np.arange(self.frames) >= kept[:, None]
-        rows[padding.ravel()] = 0
+    def _copy(self, out: np.ndarray, source: memoryview, data_start: int, position: int) -> None:
+        kept = min(int(self.num_frames[position]), self.frames)
+        for columns, width, start, stride in ((slice(0, RGB_DIM), RGB_DIM, self.rgb_at, RGB_STRIDE),
+                                              (slice(RGB_DIM, None), AUDIO_DIM, self.audio_at, AUDIO_STRIDE)):
+            out[:kept, columns] = np.ndarray((kept, width), np.uint8, source, data_start + int(start[position]),
+                                             (stride, 1))
+        out[kept:] = 0
 
     def _parse_one(self, out: np.ndarray, data: bytes, position: int) -> None:
         try:
@@ -223,11 +192,6 @@ class FrameBatches(_Batches):
 
     def _num_frames(self, positions: np.ndarray) -> np.ndarray:
         return np.minimum(self.num_frames[positions], self.frames).astype(np.int32)
-
-
-def _windows(buf: np.ndarray, width: int) -> np.ndarray:
-    """A view, only ever read, of the `width` bytes at every offset of buf: row p is buf[p:p + width]."""
-    return np.ndarray((len(buf) - width + 1, width), np.uint8, buf, 0, (1, 1))
 
 
 def _aligned_empty(shape: tuple, dtype) -> np.ndarray:

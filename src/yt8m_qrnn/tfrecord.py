@@ -186,11 +186,6 @@ def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> boo
         words[at] = stored
 
 
-def stored_lengths(buf: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """The length fields (int64) of the records whose headers are at `offsets` in buf."""
-    return np.ndarray((len(buf) - 7,), "<i8", buf, 0, (1,))[offsets]
-
-
 def stored_crcs(buf: np.ndarray, data_ends: np.ndarray) -> np.ndarray:
     """The masked data CRCs (as int64) stored after the records whose data ends at `data_ends` in buf."""
     return np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))[data_ends].astype(np.int64)
