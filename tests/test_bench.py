@@ -99,13 +99,16 @@ def test_pooling_json_parts_and_agreement(tiny_run):
 def test_input_pipeline_json(tiny_run):
     root, _ = tiny_run
     pipeline = load(root, "input_pipeline.json")
-    assert pipeline["source"].startswith("generated")  # no resources/yt8m in the folder
-    assert pipeline["videos"] == 6 and len(pipeline["files"]) == 1 and pipeline["bytes"] > 0
+    assert list(pipeline["runs"]) == [pipeline["target_run"]]  # no resources/yt8m in the folder: generated only
+    run = pipeline["runs"][pipeline["target_run"]]
+    assert run["source"].startswith("generated")
+    assert run["videos"] == 6 and len(run["files"]) == 1 and run["bytes"] > 0
+    assert bench.SYNTHETIC["min_frames"] <= run["mean_frames"] <= bench.SYNTHETIC["max_frames"]
     for name in ("raw", "batches_only", "pipeline"):
-        part = pipeline[name]
+        part = run[name]
         assert part["videos_per_s"] == pytest.approx(6 / part["seconds"])
-        assert part["mb_per_s"] == pytest.approx(pipeline["bytes"] / 1e6 / part["seconds"])
-    assert pipeline["share_of_raw"] == pytest.approx(pipeline["pipeline"]["mb_per_s"] / pipeline["raw"]["mb_per_s"])
+        assert part["mb_per_s"] == pytest.approx(run["bytes"] / 1e6 / part["seconds"])
+    assert run["share_of_raw"] == pytest.approx(run["pipeline"]["mb_per_s"] / run["raw"]["mb_per_s"])
 
 
 def test_summary_json(tiny_run):
@@ -192,13 +195,19 @@ def fixture_results(ratio=1.6, pooling_share=0.1, pipeline_share=0.7, shape="yt8
                "pooling_s": layer_s * pooling_share, "pooling_share": pooling_share, "convolution_share": 0.8,
                "other_share": 0.2 - pooling_share, "implementations": implementations}
     raw_rate = 100.0
-    pipeline = {"source": "resources/yt8m (the pipeline's frame-level shards)", "files": ["2/frame/train/a.tfrecord"],
-                "version": 2, "videos": 1000, "frames": 230_000, "max_frames": 300, "bytes": 265_000_000,
-                "batch_size": 128, "repeats": 3,
-                "raw": {"seconds": 2.65, "videos_per_s": 377.4, "mb_per_s": raw_rate, "frames_per_s": 86_792.5},
-                "pipeline": {"seconds": 2.65 / pipeline_share, "videos_per_s": 377.4 * pipeline_share,
-                             "mb_per_s": raw_rate * pipeline_share, "frames_per_s": 86_792.5 * pipeline_share},
-                "share_of_raw": pipeline_share}
+    def run(share, source, mean_frames):
+        rates = {"seconds": 2.65, "videos_per_s": 377.4, "mb_per_s": raw_rate, "frames_per_s": 86_792.5}
+        return {"source": source, "files": ["2/frame/train/a.tfrecord"], "version": 2, "videos": 1000,
+                "frames": 1000 * mean_frames, "max_frames": 300, "mean_frames": mean_frames, "bytes": 265_000_000,
+                "epochs": 5, "batch_size": 128, "repeats": 3, "raw": rates,
+                "batches_only": {k: v * 1.2 for k, v in rates.items()},
+                "pipeline": {"seconds": 2.65 / share, "videos_per_s": 377.4 * share, "mb_per_s": raw_rate * share,
+                             "frames_per_s": 86_792.5 * share, "first_batch_s": 0.02},
+                "share_of_raw": share}
+
+    pipeline = {"target_run": "youtube8m_lengths",
+                "runs": {"youtube8m_lengths": run(pipeline_share, "generated (YouTube-8M's lengths)", 225),
+                         "pipeline_shards": run(0.33, "resources/yt8m (the pipeline's frame-level shards)", 30)}}
     env = {"device": "CPU: Test CPU" if device == "CPU" else "GPU: Test GPU", "device_kind": device,
            "gpus": [] if device == "CPU" else ["Test GPU"], "cpu": "Test CPU", "backend": "tensorflow",
            "versions": {"python": "3.11.0", "numpy": "2.0", "tensorflow": "2.21.0", "keras": "3.15.0"},
@@ -255,6 +264,10 @@ def test_report_section_from_fixture_json(tmp_path):
         targets[bench.TARGETS["pooling_share"]["text"]].rstrip().endswith("| met |")
     assert "45%" in targets[bench.TARGETS["input_pipeline_share"]["text"]] and \
         targets[bench.TARGETS["input_pipeline_share"]["text"]].rstrip().endswith("| not met |")
+    # the input pipeline: one table per set of shards, the target's first
+    assert text.index("Where the target is checked: 1,000 videos (225,000 frames, 225 per video") < \
+        text.index("The training stream reaches 45% of the raw read rate") < \
+        text.index("1,000 videos (30,000 frames, 30 per video") < text.index("The training stream reaches 33%")
     # the grid: a row per batch size, a column per length, each cell the ratio
     assert "| batch \\ length | 32 | 64 | 128 | 256 | 512 |" in text
     assert "| 8 | 1.11x | 1.14x | 1.21x | 1.34x | 1.59x |" in text

@@ -622,6 +622,33 @@ def _rates(read: dict) -> dict:
             "Frames/s": fmt_rate(read["frames_per_s"])}
 
 
+def pipeline_lines(pipeline: dict) -> list[str]:
+    """The input pipeline measurements (yt8m_qrnn.bench's input_pipeline.json): a table per set of shards."""
+    lines = []
+    for name, run in pipeline["runs"].items():
+        raw, stream = run["raw"], run["pipeline"]
+        lines += [
+            f"{'Where the target is checked: ' if name == pipeline['target_run'] else ''}{run['videos']:,} videos "
+            f"({run['frames']:,} frames, {run['mean_frames']:.0f} per video on average, {run['bytes'] / 1e6:.1f} MB) "
+            f"read from {len(run['files'])} frame-level shard(s) in {run['epochs']} pass(es), {run['source']}; "
+            f"batch {run['batch_size']}.",
+            "",
+            markdown_table(pd.DataFrame([
+                {"Read": "raw `tf.data.TFRecordDataset` of the files", **_rates(raw)},
+                {"Read": "the stream's batches built one after another in one thread, without tf.data "
+                         "(`yt8m_qrnn.reader.FrameBatches`)", **_rates(run["batches_only"])},
+                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, read at the index's offsets, check CRCs, "
+                         "copy the frames, pad, batch ahead of the consumer)", **_rates(stream)},
+            ])),
+            "",
+            f"The training stream reaches {100 * run['share_of_raw']:.0f}% of the raw read rate; a new stream gives "
+            f"its first batch {1e3 * stream['first_batch_s']:.0f} ms after it is started. The stream yields uint8 "
+            "frames, dequantized by the models.",
+            "",
+        ]
+    return lines
+
+
 def bench_section(results: Path) -> list[str]:
     """Part 6, "QRNN speed": results/bench/ (yt8m_qrnn.bench) as tables, the targets marked met or not, the figure."""
     folder = Path(results) / "bench"
@@ -703,7 +730,6 @@ def bench_section(results: Path) -> list[str]:
              "Median": "not timed here (bench.lstm_xla)" if at["lstm_xla_s"] is None else duration(at["lstm_xla_s"]),
              "Of the QRNN layer step": NA if at["lstm_xla_s"] is None else f"{at['lstm_xla_s'] / at['qrnn_s']:.2f}x"},
         ]
-        raw, stream = pipeline["raw"], pipeline["pipeline"]
         shape_load = at.get("load_average")
         lines += [
             f"### At the `{shape['name']}` shape (batch {shape['batch']}, {shape['frames']} frames, "
@@ -721,23 +747,7 @@ def bench_section(results: Path) -> list[str]:
             "",
             "### Input pipeline",
             "",
-            markdown_table(pd.DataFrame([row for row in [
-                {"Read": "raw `tf.data.TFRecordDataset` of the files", **_rates(raw)},
-                {"Read": "the stream's batches built one after another in one thread, without tf.data "
-                         "(`yt8m_qrnn.reader.FrameBatches`)",
-                 **_rates(pipeline["batches_only"])} if "batches_only" in pipeline else None,
-                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, read at the index's offsets, check CRCs, "
-                         "decode, pad, batch in parallel)", **_rates(stream)},
-            ] if row is not None])),
-            "",
-            f"{pipeline['videos']:,} videos ({pipeline['frames']:,} frames, {pipeline['bytes'] / 1e6:.1f} MB) read "
-            f"from {len(pipeline['files'])} frame-level shard(s) in {pipeline.get('epochs', 1)} pass(es), "
-            f"{pipeline['source']}; batch {pipeline['batch_size']}; the stream yields uint8 frames, dequantized by "
-            "the models; "
-            f"the training stream reaches {100 * pipeline['share_of_raw']:.0f}% of the raw read rate"
-            + (f"; a new stream gives its first batch {1e3 * stream['first_batch_s']:.0f} ms after it is started."
-               if "first_batch_s" in stream else "."),
-            "",
+            *pipeline_lines(pipeline),
         ]
     except (KeyError, TypeError, ValueError) as err:
         raise ReportError(f"{folder}: malformed bench results ({type(err).__name__}: {err})") from None
