@@ -205,9 +205,9 @@ def fixture_results(ratio=1.6, pooling_share=0.1, pipeline_share=0.7, shape="yt8
                              "frames_per_s": 86_792.5 * share, "first_batch_s": 0.02},
                 "share_of_raw": share}
 
-    pipeline = {"target_run": "youtube8m_lengths",
-                "runs": {"youtube8m_lengths": run(pipeline_share, "generated (YouTube-8M's lengths)", 225),
-                         "pipeline_shards": run(0.33, "resources/yt8m (the pipeline's frame-level shards)", 30)}}
+    pipeline = {"target_run": "youtube8m_lengths",  # as written: keys sorted
+                "runs": {"pipeline_shards": run(0.33, "resources/yt8m (the pipeline's frame-level shards)", 30),
+                         "youtube8m_lengths": run(pipeline_share, "generated (YouTube-8M's lengths)", 225)}}
     env = {"device": "CPU: Test CPU" if device == "CPU" else "GPU: Test GPU", "device_kind": device,
            "gpus": [] if device == "CPU" else ["Test GPU"], "cpu": "Test CPU", "backend": "tensorflow",
            "versions": {"python": "3.11.0", "numpy": "2.0", "tensorflow": "2.21.0", "keras": "3.15.0"},

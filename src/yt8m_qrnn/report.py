@@ -624,11 +624,11 @@ def _rates(read: dict) -> dict:
 
 def pipeline_lines(pipeline: dict) -> list[str]:
     """The input pipeline measurements (yt8m_qrnn.bench's input_pipeline.json): a table per set of shards."""
-    lines = []
-    for name, run in pipeline["runs"].items():
+    lines, target = [], pipeline["target_run"]
+    for name, run in sorted(pipeline["runs"].items(), key=lambda item: item[0] != target):  # the target's first
         raw, stream = run["raw"], run["pipeline"]
         lines += [
-            f"{'Where the target is checked: ' if name == pipeline['target_run'] else ''}{run['videos']:,} videos "
+            f"{'Where the target is checked: ' if name == target else ''}{run['videos']:,} videos "
             f"({run['frames']:,} frames, {run['mean_frames']:.0f} per video on average, {run['bytes'] / 1e6:.1f} MB) "
             f"read from {len(run['files'])} frame-level shard(s) in {run['epochs']} pass(es), {run['source']}; "
             f"batch {run['batch_size']}.",
