@@ -31,8 +31,7 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   tf.data.TFRecordDataset read of the same files in the same run (the two take turns; the
   files are read once before, so both read from the page cache). Two sets of shards: generated
   ones (yt8m_qrnn.synth, in a temporary folder) whose videos have YouTube-8M's lengths (150-300
-  frames, mean 225; the YouTube-8M paper's 1.9 billion frames of 8 million videos make ~237),
-  where the target is checked, and the frame-level shards of resources/yt8m when there are any
+  frames, at most 300 as in the dataset), where the target is checked, and the frame-level shards of resources/yt8m when there are any
   (the default run's generated videos are 20-40 frames, so the stream's cost per video weighs
   more there).
 - speedup.png: the ratio over the grid as a heatmap, and the step times at the shape.

@@ -17,9 +17,10 @@ Two entry points:
 A batch is a list of row positions; reader.VideoBatches / FrameBatches check its
 records in place, in the memory-mapped shards at the offsets the index found,
 against the index's CRCs, and copy the features out of them where the index
-located them. Batches are built one at a time, ahead of the consumer. Shuffling is a full permutation of the
-selected rows each epoch (the starter shuffles files, then a buffer of a few
-batches), and only the selected records are ever read.
+located them. Batches are built one at a time, ahead of the consumer. Shuffling
+is a full permutation of the selected rows each epoch (the starter shuffles
+files, then a buffer of a few batches), and only the selected records are ever
+read.
 """
 from __future__ import annotations
 
@@ -74,8 +75,9 @@ class _Pipeline:
             return tf.data.Dataset.from_tensor_slices(tf.ensure_shape(rows, [None, self.batch_size]))
 
         # One batch read at a time, ahead of the consumer: the reader holds the GIL but for its copies, so calls
-        # in parallel only hand the GIL back and forth (bench, 2 cores, batch 64: 1 call 63% / 112% of the raw
-        # read on 30 / 228-frame videos, 2 calls 49% / 100%, AUTOTUNE 27% / 72%)
+        # in parallel only hand the GIL back and forth (measured once with the bench's input pipeline code, not
+        # kept: 2 cores, batch 64, 1 call 63% / 112% of the raw read on 30 / 228-frame videos, 2 calls 49% / 100%,
+        # AUTOTUNE 27% / 72%)
         return epochs.flat_map(epoch_batches).skip(skip).map(self._load, num_parallel_calls=1)
 
     def _load(self, positions):
@@ -87,7 +89,6 @@ class _Pipeline:
             inputs["num_frames"] = tf.ensure_shape(num_frames, [None])
         labels = tf.ensure_shape(labels, [None, self.num_classes])
         return (tf.gather(self.ids, positions), inputs, labels) if self.with_ids else (inputs, labels)
-
 
 
 def make_dataset(

@@ -29,13 +29,12 @@ from tensorflow.core.example import example_pb2
 
 from . import fastparse
 from .index import COLUMNS, ID_KEYS, BadRecordError, frame_fields, parse_video_record
-from .tfrecord import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, CorruptRecordError, RecordError, masked_crc, scan_buffer
+from .tfrecord import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, CorruptRecordError, RecordError, record_ok, scan_buffer
 
 RGB_DIM, AUDIO_DIM = fastparse.RGB_DIM, fastparse.AUDIO_DIM
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
 RGB_STRIDE, AUDIO_STRIDE = fastparse.FRAME_STRIDES
-# Arrays handed to TensorFlow start at a multiple of this, TensorFlow's own alignment for tensors (malloc gives
-# 16): tf.data then takes a numpy_function's result without copying it
+# Arrays handed to TensorFlow start at a multiple of this, TensorFlow's alignment for tensor buffers (malloc gives 16)
 _ALIGNMENT = 64
 
 
@@ -103,10 +102,9 @@ class _Batches:
             raise CorruptRecordError(self._path(position), offset,
                                      f"file ends inside the record the index places there "
                                      f"({end - offset} bytes): rerun the index stage")
-        stored_length, length_crc = HEADER.unpack_from(source, offset)
+        stored_length, _ = HEADER.unpack_from(source, offset)
         (stored_crc,) = FOOTER.unpack_from(source, end - FOOTER_SIZE)
-        if stored_length != length or stored_crc != crc or masked_crc(source[offset:offset + 8]) != length_crc \
-                or masked_crc(source[data_start:data_start + length]) != crc:
+        if stored_length != length or stored_crc != crc or not record_ok(source, offset):
             self._explain(bytes(source[offset:end]), position, stored_length, stored_crc)
         return data_start
 

@@ -109,7 +109,8 @@ def scan_buffer(buf: bytes, verify: bool = True) -> Iterator[tuple[int, bytes | 
         pos = end + FOOTER_SIZE
 
 
-def _record_ok(buf: bytes, pos: int) -> bool:
+def record_ok(buf: bytes, pos: int) -> bool:
+    """True when a whole record whose length and data match their CRCs starts at buf[pos] (bytes, memoryview)."""
     length, length_crc = HEADER.unpack_from(buf, pos)
     end = pos + HEADER_SIZE + length
     if end + FOOTER_SIZE > len(buf) or masked_crc(buf[pos:pos + 8]) != length_crc:
@@ -129,7 +130,7 @@ def _next_valid_record(buf: bytes, start: int) -> int | None:
         lengths = np.ndarray((count,), "<u8", buf, lo, (1,))
         room = (last - lo) - np.arange(count, dtype=np.uint64)
         for pos in (lo + np.flatnonzero(lengths <= room)).tolist():
-            if _record_ok(buf, pos):
+            if record_ok(buf, pos):
                 return pos
     return None
 
