@@ -277,7 +277,7 @@ def _fast(records: list[bytes], level: str, version: int = 2) -> dict[int, tuple
     buf = np.frombuffer(bytes(buf + bytes(fastparse.PADDING)), np.uint8).copy()
     recognise = fastparse.video_records if level == "video" else fastparse.frame_records
     parsed = recognise(buf, np.array(starts, np.int64), np.array([len(d) for d in records], np.int64),
-                       ix._entry_table(version, level), NUM_CLASSES[version])
+                       ix.ID_KEYS[version], NUM_CLASSES[version])
     id_ends, label_ends = np.cumsum(parsed.id_sizes), np.cumsum(parsed.label_counts)
     return {int(i): (parsed.id_bytes[id_end - size:id_end].tobytes().decode(),
                      parsed.label_values[label_end - count:label_end].tolist(), int(frames))

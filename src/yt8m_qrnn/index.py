@@ -58,8 +58,8 @@ PARQUET_SCHEMA = pa.schema([
     ("data_crc", pa.int64()), ("subset", pa.string()),
 ])
 # Shards are read, checked and parsed in batches of about this many bytes: enough records that
-# numpy's per-call costs hardly count, few enough bytes that two workers stay busy to the end.
-BATCH_BYTES = 24 << 20
+# the per-batch costs in Python hardly count, few enough that two workers stay busy to the end.
+BATCH_BYTES = 12 << 20
 
 _BYTES_VALUES = attrgetter("bytes_list.value")
 
@@ -227,12 +227,12 @@ def index_shards(
     workers: threads, each reading, checking and parsing a batch of shards at a
     time (default: 2 with several cores, else 1).
 
-    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of a
-    batch are checked in one pass (tfrecord.crcs_match) and its records are
-    parsed together by numpy (fastparse). Records the fast path does not
-    recognise are parsed one by one (parse_video_record), and a file whose
-    framing or CRCs fail is rescanned record by record, which locates and
-    explains every bad record exactly as a record-by-record index would.
+    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of each
+    file are checked in one pass as soon as it is read (tfrecord.crcs_match), and
+    the batch's records are parsed together by compiled code (fastparse). Records
+    the fast path does not recognise are parsed one by one (parse_video_record),
+    and a file whose framing or CRCs fail is rescanned record by record, which
+    locates and explains every bad record exactly as a record-by-record index would.
     """
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', not {on_bad_record!r}")
@@ -277,14 +277,15 @@ def _batches(tasks: list[tuple]) -> list[list[tuple]]:
 def _run_batches(batches: list[list[tuple]], version: int, skip: bool, workers: int) -> list:
     """(rows, bad records) of each batch, in order, computed on `workers` threads.
 
-    Each thread takes whole batches: it reads one (the reads release the GIL),
-    checks its CRCs (crc32c releases it too) and parses it (mostly holding it),
-    so one thread's reading and checking overlap the other's parsing.
+    Each thread takes whole batches: it reads one, checks its CRCs and parses it.
+    The reads, crc32c and the compiled parser release the GIL; building the rows
+    holds it.
     """
-    buffers = _ThreadBuffers()  # freed, with every thread's buffer, when the run ends
+    largest = max((sum(shard[-1] for shard in batch) for batch in batches), default=0)
+    buffers = _ThreadBuffers(largest + fastparse.PADDING)  # freed, with every thread's buffer, when the run ends
 
     def run(batch: list[tuple]) -> tuple[_Rows, list[dict]]:
-        return _parse_batch(_check_crcs(_read_batch(batch, buffers.get())), version, skip)
+        return _parse_batch(_read_batch(batch, buffers.get()), version, skip)
 
     workers = min(workers, len(batches))
     if workers <= 1:
@@ -302,44 +303,25 @@ def _cpu_count() -> int:
     return os.cpu_count() or 1
 
 
-class _ReadBuffer:
-    """A read buffer reused by the batches of a run: fresh memory costs a page fault per 4 KB."""
-
-    def __init__(self):
-        self.array = np.empty(0, np.uint8)
-
-    def get(self, size: int) -> np.ndarray:
-        if len(self.array) < size:
-            self.array = np.empty(max(size, 2 * len(self.array)), np.uint8)
-        return self.array[:size]
-
-
 class _ThreadBuffers(threading.local):
-    def __init__(self):
-        self.buffer = _ReadBuffer()
+    """A read buffer per thread, big enough for every batch of the run, reused by its batches: fresh memory
+    costs a page fault per page touched."""
 
-    def get(self) -> _ReadBuffer:
-        return self.buffer
+    def __init__(self, size: int):
+        self.size = size
+        self.array = None
 
-
-@dataclass
-class _Read:
-    """A batch in memory: the files back to back in buf (spans: start, end), then fastparse.PADDING zero bytes.
-
-    layouts: (header offsets in buf, data lengths) of each file's records, or
-    None where the length fields do not tile the file; no CRC checked yet.
-    """
-
-    shards: list[tuple]
-    buf: np.ndarray
-    spans: list[tuple[int, int]]
-    layouts: list[tuple[np.ndarray, np.ndarray] | None]
+    def get(self) -> np.ndarray:
+        if self.array is None:
+            self.array = np.empty(self.size, np.uint8)
+        return self.array
 
 
 @dataclass
 class _Loaded:
-    """A batch in memory (_Read) with the records of the files whose framing and CRCs are good (good[position]):
-    their header offsets in buf, data lengths and file_of, the position of their file in shards."""
+    """A batch in memory: the files back to back in buf (spans: start, end), then fastparse.PADDING zero bytes;
+    good[position]: the framing and CRCs of that file are good. offsets, lengths and file_of: the header offsets
+    in buf, data lengths and file position in shards of the records of the good files."""
 
     shards: list[tuple]
     buf: np.ndarray
@@ -350,18 +332,24 @@ class _Loaded:
     file_of: np.ndarray
 
 
-def _read_batch(shards: list[tuple], buffer: _ReadBuffer) -> _Read:
-    """Read the batch's files back to back (as long as they were when batched), following each one's
-    length fields while it is in the cache."""
-    buf = buffer.get(sum(shard[-1] for shard in shards) + fastparse.PADDING)
+def _read_batch(shards: list[tuple], buf: np.ndarray) -> _Loaded:
+    """Read the batch's files into buf back to back (as long as they were when batched), checking each one's
+    framing and CRCs while it is in the cache."""
     spans, layouts, pos = [], [], 0
     for _, path, _, _, _, size in shards:
         end = pos + _read_into(path, buf[pos:pos + size])
         spans.append((pos, end))
-        layouts.append(record_layout(memoryview(buf), pos, end))
+        layout = record_layout(buf, pos, end)
+        layouts.append(layout if layout is not None and crcs_match(buf, *layout) else None)
         pos = end
     buf[pos:pos + fastparse.PADDING] = 0
-    return _Read(shards, buf[:pos + fastparse.PADDING], spans, layouts)
+    good = [layout is not None for layout in layouts]
+    present = [layout for layout in layouts if layout is not None]
+    empty = np.zeros(0, np.int64)
+    return _Loaded(shards, buf[:pos + fastparse.PADDING], spans, good,
+                   np.concatenate([offsets for offsets, _ in present] or [empty]),
+                   np.concatenate([lengths for _, lengths in present] or [empty]),
+                   np.repeat(np.flatnonzero(good), [len(offsets) for offsets, _ in present]))
 
 
 def _read_into(path: Path, out: np.ndarray) -> int:
@@ -376,29 +364,8 @@ def _read_into(path: Path, out: np.ndarray) -> int:
     return done
 
 
-def _check_crcs(batch: _Read) -> _Loaded:
-    """The batch with the records of its files whose framing and CRCs are good.
-
-    The CRCs of all files are checked in one pass; only when that fails, file by
-    file, to find the bad ones.
-    """
-    layouts = batch.layouts
-    if any(layout is None for layout in layouts) or not crcs_match(batch.buf, *_joined(layouts)):
-        layouts = [layout if layout is not None and crcs_match(batch.buf, *layout) else None for layout in layouts]
-    good = [layout is not None for layout in layouts]
-    present = [layout for layout in layouts if layout is not None]
-    return _Loaded(batch.shards, batch.buf, batch.spans, good, *_joined(present),
-                   np.repeat(np.flatnonzero(good), [len(offsets) for offsets, _ in present]))
-
-
-def _joined(layouts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The header offsets and the data lengths of several layouts, each concatenated."""
-    empty = np.zeros(0, np.int64)
-    return np.concatenate([o for o, _ in layouts] or [empty]), np.concatenate([n for _, n in layouts] or [empty])
-
-
 def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[dict]]:
-    """Rows and bad records of a loaded batch: numpy first, then one by one what it left."""
+    """Rows and bad records of a loaded batch: the fast path first, then one by one what it left."""
     level = batch.shards[0][3]
     parsed = _recognise(level, version, batch.buf, batch.offsets + HEADER_SIZE, batch.lengths)
     file_start = np.array([start for start, _ in batch.spans], np.int64)[batch.file_of]
@@ -422,7 +389,7 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
 
 
 def _records_left(batch: _Loaded, position: int, left: np.ndarray):
-    """(offset in the file, data[, problem]) of the records of one file that numpy did not recognise."""
+    """(offset in the file, data[, problem]) of the records of one file that the fast path did not recognise."""
     start, end = batch.spans[position]
     if not batch.good[position]:  # broken framing or crc: the exact scan finds and explains each bad record
         return scan_buffer(batch.buf[start:end].tobytes())
@@ -434,12 +401,7 @@ def _records_left(batch: _Loaded, position: int, left: np.ndarray):
 
 def _recognise(level: str, version: int, buf: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
     recognise = fastparse.video_records if level == "video" else fastparse.frame_records
-    return recognise(buf, starts, lengths, _entry_table(version, level), NUM_CLASSES[version])
-
-
-@functools.cache
-def _entry_table(version: int, level: str) -> fastparse.EntryTable:
-    return (fastparse.video_table if level == "video" else fastparse.context_table)(ID_KEYS[version])
+    return recognise(buf, starts, lengths, ID_KEYS[version], NUM_CLASSES[version])
 
 
 def _parse_each(records, parse, path: Path, name: str, skip: bool) -> tuple[list[tuple], list[dict]]:
@@ -465,24 +427,26 @@ def _parse_each(records, parse, path: Path, name: str, skip: bool) -> tuple[list
 
 @dataclass
 class _Rows:
-    """Index rows as columns. task: the shard's position in the shard list; ids (UTF-8) flat, with a size per row."""
+    """Index rows as columns. task: the shard's position in the shard list; ids (UTF-8) and labels flat, with a
+    size / count per row (the Python lists of labels are built once, for the whole index: they hold the GIL)."""
 
     task: np.ndarray
     offset: np.ndarray
     length: np.ndarray
     id_bytes: np.ndarray
     id_sizes: np.ndarray
-    labels: list[list[int]]
+    label_counts: np.ndarray
+    label_values: np.ndarray  # int32
     frames: np.ndarray
     feature_at: np.ndarray  # [2, n]: rgb_at, audio_at (-1: not the usual layout)
     crc: np.ndarray
 
-    _ARRAYS = ("task", "offset", "length", "id_sizes", "frames", "crc")
+    _ARRAYS = ("task", "offset", "length", "id_sizes", "label_counts", "frames", "crc")
 
     @classmethod
     def from_parsed(cls, task, offset, length, parsed: fastparse.Parsed, feature_at, crc) -> _Rows:
-        return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes,
-                   _label_lists(parsed.label_counts, parsed.label_values), parsed.frames, feature_at, crc)
+        return cls(task, offset, length, parsed.id_bytes, parsed.id_sizes, parsed.label_counts, parsed.label_values,
+                   parsed.frames, feature_at, crc)
 
     @classmethod
     def from_tuples(cls, task: int, rows: list[tuple]) -> _Rows:
@@ -490,7 +454,8 @@ class _Rows:
         ids = [row[2].encode() for row in rows]
         return cls(np.full(len(rows), task, np.int64), np.array([row[0] for row in rows], np.int64),
                    np.array([row[1] for row in rows], np.int64), np.frombuffer(b"".join(ids), np.uint8),
-                   np.array([len(i) for i in ids], np.int64), [row[3] for row in rows],
+                   np.array([len(i) for i in ids], np.int64), np.array([len(row[3]) for row in rows], np.int64),
+                   np.array(list(chain.from_iterable(row[3] for row in rows)), np.int32),
                    np.array([row[4] for row in rows], np.int32), np.full((2, len(rows)), -1, np.int64),
                    np.array([row[5] for row in rows], np.int64))
 
@@ -499,9 +464,8 @@ class _Rows:
         if not parts:
             return cls.from_tuples(0, [])
         arrays = {name: np.concatenate([getattr(part, name) for part in parts])
-                  for name in (*cls._ARRAYS, "id_bytes")}
-        return cls(**arrays, labels=list(chain.from_iterable(part.labels for part in parts)),
-                   feature_at=np.concatenate([part.feature_at for part in parts], axis=1))
+                  for name in (*cls._ARRAYS, "id_bytes", "label_values")}
+        return cls(**arrays, feature_at=np.concatenate([part.feature_at for part in parts], axis=1))
 
     def __len__(self) -> int:
         return len(self.task)
@@ -511,16 +475,17 @@ class _Rows:
         order = np.lexsort((self.offset, self.task))
         arrays = {name: getattr(self, name)[order] for name in self._ARRAYS}
         return _Rows(**arrays, id_bytes=_reorder_runs(self.id_bytes, self.id_sizes, order),
-                     labels=[self.labels[i] for i in order.tolist()], feature_at=self.feature_at[:, order])
+                     label_values=_reorder_runs(self.label_values, self.label_counts, order),
+                     feature_at=self.feature_at[:, order])
 
     def ids(self) -> pa.Array:
         return pa.StringArray.from_buffers(len(self), pa.py_buffer(_run_offsets(self.id_sizes)),
                                            pa.py_buffer(self.id_bytes))
 
-
-def _label_lists(counts: np.ndarray, values: np.ndarray) -> list[list[int]]:
-    """The runs of a flat column as lists (pyarrow builds them faster than Python slicing does)."""
-    return pa.ListArray.from_arrays(pa.array(_run_offsets(counts)), pa.array(values, pa.int32())).to_pylist()
+    def labels(self) -> list[list[int]]:
+        """The labels of each row as a list (pyarrow builds them faster than Python slicing does)."""
+        return pa.ListArray.from_arrays(pa.array(_run_offsets(self.label_counts)),
+                                        pa.array(self.label_values, pa.int32())).to_pylist()
 
 
 def _run_offsets(sizes: np.ndarray) -> np.ndarray:
@@ -558,7 +523,7 @@ def _rows_frame(tasks: list[tuple], rows: _Rows) -> pd.DataFrame:
         "offset": rows.offset.astype(np.int64, copy=False),
         "length": rows.length.astype(np.int64, copy=False),
         "id": _strings(rows.ids()),
-        "labels": pd.Series(rows.labels, dtype=object),
+        "labels": pd.Series(rows.labels(), dtype=object),
         "num_frames": rows.frames.astype(np.int32, copy=False),
         "rgb_at": rows.feature_at[0].astype(np.int32),
         "audio_at": rows.feature_at[1].astype(np.int32),

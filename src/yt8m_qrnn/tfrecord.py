@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import BinaryIO, Iterable, Iterator
 
 import crc32c as _crc32c
+import numba
 import numpy as np
 
 HEADER = struct.Struct("<QI")
 _LENGTH = struct.Struct("<Q")
+_LENGTH_SIZE = _LENGTH.size
 FOOTER = struct.Struct("<I")
 HEADER_SIZE = HEADER.size
 FOOTER_SIZE = FOOTER.size
@@ -140,22 +142,37 @@ def record_layout(buf, start: int = 0, end: int | None = None) -> tuple[np.ndarr
 
     Follows the length fields without checking any CRC (see crcs_match); None
     when they do not tile the span exactly (a truncated file, or a corrupted
-    length). buf: bytes, or a memoryview for speed. Offsets are positions in buf.
+    length). buf: a uint8 array, bytes or memoryview. Offsets are positions in buf.
     """
+    buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
     end = len(buf) if end is None else end
-    unpack_length, offsets = _LENGTH.unpack_from, []
-    append, framing = offsets.append, HEADER_SIZE + FOOTER_SIZE  # locals: this loop runs once per record
-    pos, last = start, end - framing  # last position where a record fits
-    while pos <= last:
-        append(pos)
-        pos += unpack_length(buf, pos)[0] + framing
-    if pos != end:
+    offsets = np.empty((end - start) // (HEADER_SIZE + FOOTER_SIZE) + 1, np.int64)
+    count = _walk_lengths(buf, start, end, offsets)
+    if count < 0:
         return None
-    offsets = np.array(offsets, dtype=np.int64)
+    offsets = offsets[:count].copy()
     lengths = np.empty_like(offsets)
     lengths[:-1] = offsets[1:] - offsets[:-1]
     lengths[-1:] = end - offsets[-1:]
     return offsets, lengths - (HEADER_SIZE + FOOTER_SIZE)
+
+
+@numba.njit(nogil=True, cache=True)
+def _walk_lengths(buf, start, end, offsets):
+    """Fill offsets with the header positions the length fields lead to from start; their number, or -1 unless
+    the records end exactly at end."""
+    framing = HEADER_SIZE + FOOTER_SIZE
+    pos, count = start, 0
+    while pos <= end - framing:
+        offsets[count] = pos
+        count += 1
+        length = np.uint64(0)
+        for i in range(8):
+            length |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
+        if length > np.uint64(end - pos - framing):
+            return -1
+        pos += np.int64(length) + framing
+    return count if pos == end else -1
 
 
 def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> bool:
@@ -177,25 +194,36 @@ def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> boo
     """
     if not len(offsets):
         return True
-    words = np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))  # a uint32 at every byte offset
-    at = np.stack([offsets + _LENGTH.size, offsets + HEADER_SIZE + lengths])  # the length crcs, the data crcs
-    stored = words[at]
-    words[at] = _unmask(stored) ^ np.uint32(_CRC_RESET)
+    saved = np.empty((len(offsets), 2), np.uint32)
+    _swap_crc_words(buf, offsets, lengths, saved, True)
     try:
-        return _crc32c.crc32c(buf[offsets[0]:at[1, -1] + FOOTER_SIZE]) == 0
+        return _crc32c.crc32c(buf[offsets[0]:offsets[-1] + HEADER_SIZE + lengths[-1] + FOOTER_SIZE]) == 0
     finally:
-        words[at] = stored
+        _swap_crc_words(buf, offsets, lengths, saved, False)
+
+
+@numba.njit(nogil=True, cache=True)
+def _swap_crc_words(buf, offsets, lengths, saved, replace):
+    """replace: save each record's two stored CRCs and write unmask(crc) ^ _CRC_RESET in their place;
+    else write the saved words back. (numba widens uint32 arithmetic: hence the int64 and the masks.)"""
+    for r in range(len(offsets)):
+        for k, at in enumerate((offsets[r] + _LENGTH_SIZE, offsets[r] + HEADER_SIZE + lengths[r])):
+            if replace:
+                word = np.int64(0)
+                for i in range(4):
+                    word |= np.int64(buf[at + i]) << (8 * i)
+                saved[r, k] = word
+                rotated = (word - _MASK_DELTA) & _U32
+                word = (((rotated << 15) | (rotated >> 17)) & _U32) ^ _CRC_RESET
+            else:
+                word = np.int64(saved[r, k])
+            for i in range(4):
+                buf[at + i] = (word >> (8 * i)) & 0xFF
 
 
 def stored_crcs(buf: np.ndarray, data_ends: np.ndarray) -> np.ndarray:
     """The masked data CRCs (as int64) stored after the records whose data ends at `data_ends` in buf."""
     return np.ndarray((len(buf) - 3,), "<u4", buf, 0, (1,))[data_ends].astype(np.int64)
-
-
-def _unmask(masked: np.ndarray) -> np.ndarray:
-    """The crc32c values behind masked crcs (inverse of masked_crc's rotation and offset)."""
-    rotated = masked.astype(np.uint32) - np.uint32(_MASK_DELTA)
-    return (rotated << np.uint32(15)) | (rotated >> np.uint32(17))
 
 
 def read_file(path) -> bytes:
