@@ -16,6 +16,7 @@ writes them in a different order from one record to the next.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numba
@@ -65,8 +66,10 @@ _PREFIXES = [_frame_prefix(RGB_DIM), _frame_prefix(AUDIO_DIM)]
 FRAME_STRIDES = tuple(len(prefix) + width for prefix, width in zip(_PREFIXES, (RGB_DIM, AUDIO_DIM)))
 _PREFIX_SIZE = len(_PREFIXES[0])
 assert len(_PREFIXES[1]) == _PREFIX_SIZE and _PREFIX_SIZE > 8
+_STRIDES = np.array(FRAME_STRIDES, np.int64)
 _PREFIX_WORDS = np.array([[int.from_bytes(p[:8], "little"), int.from_bytes(p[_PREFIX_SIZE - 8:], "little")]
                           for p in _PREFIXES], np.uint64)
+_keys = functools.cache(_Keys)
 _LIST_KEYS = _Keys("rgb", "audio")
 
 
@@ -87,7 +90,7 @@ _FLOAT_SIZES = np.array([_FLOAT_HEADER_SIZE + 4 * count for count in (RGB_DIM, A
 
 # ---------------------------------------------------------------- wire format
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _varint(buf, pos, end):
     """(value, position after it) of the varint at pos, or (-1, -1) past end or above 2**63."""
     value, shift = np.uint64(0), np.uint64(0)
@@ -101,7 +104,7 @@ def _varint(buf, pos, end):
     return -1, -1
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _field(buf, pos, end, tag):
     """(start, end) of the payload of the length-delimited field `tag` at pos inside [pos, end), or (-1, -1)."""
     if pos >= end or buf[pos] != tag:
@@ -117,14 +120,14 @@ def _field(buf, pos, end, tag):
     return start, start + size
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _only_field(buf, start, end, tag):
     """The payload of the one field `tag` that fills [start, end) exactly, or (-1, -1)."""
     inner, inner_end = _field(buf, start, end, tag)
     return (inner, inner_end) if inner_end == end else (-1, -1)
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _word(buf, pos, size):
     """The `size` (<= 8) bytes at pos as a little-endian integer."""
     word = np.uint64(0)
@@ -133,14 +136,14 @@ def _word(buf, pos, size):
     return word
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _low_bytes(count):
     """A mask of the low `count` bytes of a word (none for count <= 0, all for count >= 8)."""
     bits = np.uint64(8 * min(max(count, 0), 7))
     return (np.uint64(1) << bits) - np.uint64(1) if count < 8 else np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _map_values(buf, pos, end, key_length, key_low, key_high, value_start, value_end):
     """Walk the string-keyed map entries filling [pos, end): each key must be one of the table's, once.
 
@@ -169,7 +172,7 @@ def _map_values(buf, pos, end, key_length, key_low, key_high, value_start, value
     return found
 
 
-@numba.njit(inline="always", **_JIT)
+@numba.njit(**_JIT)
 def _id_and_labels(buf, value_start, value_end, found, r, id_start, id_size, labels_start, labels_size):
     """Record r's id (one non-empty ASCII byte string) and packed labels span; False if not in that form."""
     if not found & (1 << _ID):
@@ -297,26 +300,16 @@ def _gather(buf, ok, starts, sizes, out):
     return count
 
 
-class _Spans:
-    """Per record: recognised so far, and where its id and packed labels are."""
-
-    def __init__(self, count: int):
-        self.ok = np.zeros(count, np.bool_)
-        self.id_start, self.id_size, self.labels_start, self.labels_size = (np.zeros(count, np.int64)
-                                                                          for _ in range(4))
-
-    def arrays(self) -> tuple[np.ndarray, ...]:
-        return self.ok, self.id_start, self.id_size, self.labels_start, self.labels_size
-
-    def parsed(self, buf: np.ndarray, num_classes: int, frames: np.ndarray, feature_starts: np.ndarray) -> Parsed:
-        ok = self.ok
-        values = np.empty(int(self.labels_size[ok].sum()), np.int32)  # a label takes a byte at least
-        counts = np.empty(len(ok), np.int64)
-        values = values[:_decode_labels(buf, ok, self.labels_start, self.labels_size, num_classes, values, counts)]
-        id_bytes = np.empty(int(self.id_size[ok].sum()), np.uint8)
-        _gather(buf, ok, self.id_start, self.id_size, id_bytes)
-        return Parsed(ok, id_bytes, self.id_size[ok], counts[ok], values, frames[ok].astype(np.int32),
-                      feature_starts[:, ok])
+@numba.njit(**_JIT)
+def _finish(buf, ok, id_start, id_size, labels_start, labels_size, num_classes, frames, feature_starts):
+    """Parsed's fields from what a walk found: labels decoded (and checked), ids gathered, recognised rows kept."""
+    values = np.empty(labels_size.sum(), np.int32)  # a label takes a byte at least
+    counts = np.empty(len(ok), np.int64)
+    values = values[:_decode_labels(buf, ok, labels_start, labels_size, num_classes, values, counts)]
+    id_bytes = np.empty(id_size[ok].sum(), np.uint8)
+    _gather(buf, ok, id_start, id_size, id_bytes)
+    return (ok, id_bytes, id_size[ok], counts[ok], values, frames[ok].astype(np.int32),
+            np.ascontiguousarray(feature_starts[:, ok]))
 
 
 def _contiguous(buf: np.ndarray, start: np.ndarray, size: np.ndarray):
@@ -324,17 +317,36 @@ def _contiguous(buf: np.ndarray, start: np.ndarray, size: np.ndarray):
             np.ascontiguousarray(size, np.int64))
 
 
+@numba.njit(**_JIT)
+def _examples(buf, start, size, key_length, key_low, key_high, float_headers, float_sizes, num_classes):
+    spans = (np.zeros(len(start), np.bool_), np.zeros(len(start), np.int64), np.zeros(len(start), np.int64),
+             np.zeros(len(start), np.int64), np.zeros(len(start), np.int64))
+    feature_starts = np.zeros((2, len(start)), np.int64)
+    _walk_examples(buf, start, size, key_length, key_low, key_high, float_headers, float_sizes, *spans,
+                   feature_starts)
+    return _finish(buf, *spans, num_classes, np.ones(len(start), np.int64), feature_starts)
+
+
 def video_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, id_key: str, num_classes: int) -> Parsed:
     """Recognise tf.train.Example records buf[start:start + size] (PADDING bytes must follow the last).
 
     id_key: the dataset version's id feature ('id' or 'video_id').
     """
-    buf, start, size = _contiguous(buf, start, size)
-    keys, spans = _Keys(id_key, "labels", "mean_rgb", "mean_audio"), _Spans(len(start))
+    keys = _keys(id_key, "labels", "mean_rgb", "mean_audio")
+    return Parsed(*_examples(*_contiguous(buf, start, size), keys.length, keys.low, keys.high, _FLOAT_WORDS,
+                             _FLOAT_SIZES, num_classes))
+
+
+@numba.njit(**_JIT)
+def _sequence_examples(buf, start, size, key_length, key_low, key_high, list_length, list_low, list_high,
+                       prefix_words, strides, num_classes):
+    spans = (np.zeros(len(start), np.bool_), np.zeros(len(start), np.int64), np.zeros(len(start), np.int64),
+             np.zeros(len(start), np.int64), np.zeros(len(start), np.int64))
     feature_starts = np.zeros((2, len(start)), np.int64)
-    _walk_examples(buf, start, size, keys.length, keys.low, keys.high, _FLOAT_WORDS, _FLOAT_SIZES, *spans.arrays(),
-                   feature_starts)
-    return spans.parsed(buf, num_classes, np.ones(len(start), np.int64), feature_starts)
+    frames = np.zeros(len(start), np.int64)
+    _walk_sequence_examples(buf, start, size, key_length, key_low, key_high, list_length, list_low, list_high,
+                            prefix_words, strides, *spans, feature_starts, frames)
+    return _finish(buf, *spans, num_classes, frames, feature_starts)
 
 
 def frame_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, id_key: str, num_classes: int) -> Parsed:
@@ -344,11 +356,7 @@ def frame_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, id_key: 
     (either order, nothing else) of the same nonzero number of frames, each frame
     one byte string of 1024 or 128 bytes.
     """
-    buf, start, size = _contiguous(buf, start, size)
-    keys, spans = _Keys(id_key, "labels"), _Spans(len(start))
-    feature_starts = np.zeros((2, len(start)), np.int64)
-    frames = np.zeros(len(start), np.int64)
-    _walk_sequence_examples(buf, start, size, keys.length, keys.low, keys.high, _LIST_KEYS.length, _LIST_KEYS.low,
-                            _LIST_KEYS.high, _PREFIX_WORDS, np.array(FRAME_STRIDES, np.int64), *spans.arrays(),
-                            feature_starts, frames)
-    return spans.parsed(buf, num_classes, frames, feature_starts)
+    keys = _keys(id_key, "labels")
+    return Parsed(*_sequence_examples(*_contiguous(buf, start, size), keys.length, keys.low, keys.high,
+                                      _LIST_KEYS.length, _LIST_KEYS.low, _LIST_KEYS.high, _PREFIX_WORDS,
+                                      _STRIDES, num_classes))

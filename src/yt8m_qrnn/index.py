@@ -41,7 +41,7 @@ from .io import atomic_path, write_json
 from .quantization import dequantize
 from . import fastparse
 from .tfrecord import (
-    HEADER_SIZE, CorruptRecordError, RecordError, crcs_match, iter_records, masked_crc, record_layout, scan_buffer,
+    HEADER_SIZE, CorruptRecordError, RecordError, checked_layouts, iter_records, masked_crc, scan_buffer,
     stored_crcs, write_records,
 )
 
@@ -227,9 +227,9 @@ def index_shards(
     workers: threads, each reading, checking and parsing a batch of shards at a
     time (default: 2 with several cores, else 1).
 
-    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of each
-    file are checked in one pass as soon as it is read (tfrecord.crcs_match), and
-    the batch's records are parsed together by compiled code (fastparse). Records
+    Shards are read in batches of about BATCH_BYTES. The framing and CRCs of a
+    batch are checked in one pass (tfrecord.checked_layouts), and its records are
+    parsed together by compiled code (fastparse). Records
     the fast path does not recognise are parsed one by one (parse_video_record),
     and a file whose framing or CRCs fail is rescanned record by record, which
     locates and explains every bad record exactly as a record-by-record index would.
@@ -335,14 +335,13 @@ class _Loaded:
 def _read_batch(shards: list[tuple], buf: np.ndarray) -> _Loaded:
     """Read the batch's files into buf back to back (as long as they were when batched), checking each one's
     framing and CRCs while it is in the cache."""
-    spans, layouts, pos = [], [], 0
+    spans, pos = [], 0
     for _, path, _, _, _, size in shards:
         end = pos + _read_into(path, buf[pos:pos + size])
         spans.append((pos, end))
-        layout = record_layout(buf, pos, end)
-        layouts.append(layout if layout is not None and crcs_match(buf, *layout) else None)
         pos = end
     buf[pos:pos + fastparse.PADDING] = 0
+    layouts = checked_layouts(buf, spans)
     good = [layout is not None for layout in layouts]
     present = [layout for layout in layouts if layout is not None]
     empty = np.zeros(0, np.int64)

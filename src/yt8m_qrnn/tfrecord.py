@@ -144,33 +144,59 @@ def record_layout(buf, start: int = 0, end: int | None = None) -> tuple[np.ndarr
     when they do not tile the span exactly (a truncated file, or a corrupted
     length). buf: a uint8 array, bytes or memoryview. Offsets are positions in buf.
     """
-    buf = np.frombuffer(buf, np.uint8) if not isinstance(buf, np.ndarray) else buf
+    buf = buf if isinstance(buf, np.ndarray) else np.frombuffer(buf, np.uint8)
     end = len(buf) if end is None else end
-    offsets = np.empty((end - start) // (HEADER_SIZE + FOOTER_SIZE) + 1, np.int64)
-    count = _walk_lengths(buf, start, end, offsets)
-    if count < 0:
-        return None
-    offsets = offsets[:count].copy()
-    lengths = np.empty_like(offsets)
-    lengths[:-1] = offsets[1:] - offsets[:-1]
-    lengths[-1:] = end - offsets[-1:]
-    return offsets, lengths - (HEADER_SIZE + FOOTER_SIZE)
+    layout, counts = _walk_spans(buf, np.array([start], np.int64), np.array([end], np.int64))
+    return (layout[0], layout[1]) if counts[0] >= 0 else None
+
+
+def checked_layouts(buf: np.ndarray, spans: list[tuple[int, int]]) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """The record_layout of each span of buf (a file read into it), None where its framing or a CRC is bad.
+
+    The spans lie back to back; when every span is framed, all CRCs are checked in
+    one pass (crcs_match), and only if that fails span by span.
+    """
+    starts, ends = np.array(spans, np.int64).reshape(-1, 2).T
+    layout, counts = _walk_spans(buf, np.ascontiguousarray(starts), np.ascontiguousarray(ends))
+    bounds = np.concatenate([[0], np.cumsum(np.maximum(counts, 0))])
+    layouts = [(layout[0, a:b], layout[1, a:b]) if count >= 0 else None
+               for a, b, count in zip(bounds[:-1].tolist(), bounds[1:].tolist(), counts.tolist())]
+    if all(count >= 0 for count in counts.tolist()) and crcs_match(buf, layout[0], layout[1]):
+        return layouts
+    return [one if one is not None and crcs_match(buf, *one) else None for one in layouts]
 
 
 @numba.njit(nogil=True, cache=True)
-def _walk_lengths(buf, start, end, offsets):
-    """Fill offsets with the header positions the length fields lead to from start; their number, or -1 unless
-    the records end exactly at end."""
+def _walk_spans(buf, starts, ends):
+    """(layout, counts): layout[0] the header positions that the length fields lead to from each start,
+    layout[1] the data lengths, span after span; counts[k] the records of span k, or -1 unless they end
+    exactly at ends[k] (then none of its records are in layout)."""
+    counts = np.empty(len(starts), np.int64)
+    for k in range(len(starts)):
+        counts[k] = _walk_lengths(buf, starts[k], ends[k], np.empty((2, 0), np.int64))
+    layout = np.empty((2, np.maximum(counts, 0).sum()), np.int64)
+    filled = 0
+    for k in range(len(starts)):
+        if counts[k] > 0:
+            filled += _walk_lengths(buf, starts[k], ends[k], layout[:, filled:])
+    return layout, counts
+
+
+@numba.njit(nogil=True, cache=True)
+def _walk_lengths(buf, start, end, layout):
+    """Follow the length fields from start, writing header positions and data lengths into layout when it
+    has room (an empty layout only counts); the number of records, or -1 unless they end exactly at end."""
     framing = HEADER_SIZE + FOOTER_SIZE
     pos, count = start, 0
     while pos <= end - framing:
-        offsets[count] = pos
-        count += 1
         length = np.uint64(0)
         for i in range(8):
             length |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
         if length > np.uint64(end - pos - framing):
             return -1
+        if count < layout.shape[1]:
+            layout[0, count], layout[1, count] = pos, length
+        count += 1
         pos += np.int64(length) + framing
     return count if pos == end else -1
 
