@@ -17,8 +17,8 @@ from yt8m_qrnn import fastparse
 from yt8m_qrnn import index as ix
 from yt8m_qrnn.config import NUM_CLASSES
 from yt8m_qrnn.tfrecord import (
-    CorruptRecordError, RecordError, crcs_match, iter_records, masked_crc, read_record_at, record_layout, scan_buffer,
-    write_records,
+    CorruptRecordError, RecordError, checked_layouts, crcs_match, iter_records, masked_crc, read_record_at, record_layout,
+    scan_buffer, write_records,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "yt8m"
@@ -168,6 +168,36 @@ def test_crcs_match_checks_every_byte_and_restores_the_buffer(tmp_path, sizes):
         damaged[pos] ^= 1 << int(rng.integers(8))
         layout = record_layout(memoryview(damaged), 0, len(raw))
         assert layout is None or not crcs_match(damaged, *layout), pos
+
+
+def test_checked_layouts_finds_the_bad_files_of_a_batch(tmp_path):
+    rng = np.random.default_rng(2)
+    raws = []
+    for k, sizes in enumerate([[5, 300, 0], [40] * 7, [1000, 3]]):
+        path = tmp_path / f"{k}.tfrecord"
+        write_records(path, [rng.bytes(size) for size in sizes])
+        raws.append(path.read_bytes())
+    ends = np.cumsum([len(raw) for raw in raws]).tolist()
+    spans = list(zip([0] + ends[:-1], ends))
+
+    def check(damage=None, cut=0):
+        buf = np.frombuffer(b"".join(raws) + bytes(32), np.uint8).copy()
+        if damage is not None:
+            buf[damage] ^= 0x20
+        before = buf.copy()
+        layouts = checked_layouts(buf, spans[:2] + [(spans[2][0], spans[2][1] - cut)])
+        assert (buf == before).all()  # the CRC fields are restored
+        return [layout is not None for layout in layouts], layouts
+
+    good, layouts = check()
+    assert good == [True, True, True]
+    for (start, end), (offsets, lengths) in zip(spans, layouts):
+        expected = record_layout(np.frombuffer(b"".join(raws), np.uint8), start, end)
+        assert (offsets == expected[0]).all() and (lengths == expected[1]).all()
+    assert check(damage=spans[1][0] + 3 * 56 + 20)[0] == [True, False, True]  # a data byte of file 1
+    assert check(damage=spans[0][0] + 8)[0] == [False, True, True]  # the first length crc of file 0
+    assert check(cut=1)[0] == [True, True, False]  # file 2 cut short
+    assert check(damage=spans[1][0] + 1, cut=1)[0] == [True, False, False]  # a length of file 1 and file 2
 
 
 def test_errors_pickle_with_their_location():
@@ -331,6 +361,45 @@ def test_fast_path_agrees_with_the_parser_on_2017_records():
     records = [video_record("vid1", [4715, 2, 300], version=1), video_record("vid2", [4716], version=1),
                video_record("vid3", None, version=1), video_record("vid4", [1])]
     assert set(_agrees_with_parser(records, "video", version=1)) == {0, 2}
+
+
+def test_fast_path_reads_long_and_overlong_length_fields():
+    long_id = "v" * 20000  # map entry lengths of 3 varint bytes
+    records = [video_record(long_id, [2, 1]), frame_record(long_id, [4], *random_frames(np.random.default_rng(1), 2))]
+    assert _agrees_with_parser(records[:1], "video") == {0: (long_id, [1, 2], 1)}
+    assert _agrees_with_parser(records[1:], "frame") == {0: (long_id, [4], 2)}
+    # The id's length written in two bytes where one would do (protobuf reads such varints too)
+    bytes_list = b"\x0a\x83\x00abc"
+    overlong = _field(0x0A, _field(0x0A, b"id") + _field(0x12, _field(0x0A, bytes_list)))
+    rest = b"".join(_entry(key, "float_list", [0.0] * size) for key, size in (("mean_rgb", 1024), ("mean_audio", 128)))
+    record = _field(0x0A, overlong + _entry("labels", "int64_list", [7]) + rest)
+    assert ix.parse_video_record(record, 2, "video") == ("abc", [7], 1)
+    assert _agrees_with_parser([record], "video") == {0: ("abc", [7], 1)}
+
+
+def _damaged(records: list[bytes], rng, per_record: int) -> list[bytes]:
+    """Copies of the records with 1-3 bytes changed, mostly among the field headers (first and last 64 bytes)."""
+    out = []
+    for data in records:
+        for _ in range(per_record):
+            damaged = bytearray(data)
+            for _ in range(int(rng.integers(1, 4))):
+                where = rng.choice([rng.integers(0, 64), len(data) - 1 - rng.integers(0, 64), rng.integers(len(data))])
+                damaged[int(where) % len(data)] = int(rng.integers(256))
+            out.append(bytes(damaged))
+    return out
+
+
+@pytest.mark.parametrize("level", ["video", "frame"])
+def test_fast_path_agrees_with_the_parser_on_damaged_records(level):
+    rng = np.random.default_rng(5)
+    if level == "video":
+        good = [video_record("abcd", [3, 5, 9]), video_record("e", None), video_record("f" * 200, [3861, 0])]
+    else:
+        good = [frame_record("ab", [1, 2], *random_frames(rng, 3)), frame_record("c", None, *random_frames(rng, 1))]
+    records = _damaged(good, rng, 400)
+    fast = _agrees_with_parser(records, level)
+    assert 0 < len(fast) < len(records)  # the walk recognises some of them and leaves others to protobuf
 
 
 def test_fast_path_agrees_with_the_parser_on_frame_records():
