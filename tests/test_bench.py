@@ -349,3 +349,16 @@ def test_bad_bench_params_are_named(key, value, expected):
     with pytest.raises(ParamsError) as err:
         validate_params(params)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_index_benchmark_writes_its_figures(tmp_path):
+    """benchmarks/bench_index.py on generated frame-level shards, one repeat: well-formed figures."""
+    out = tmp_path / "index.json"
+    subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_index.py"), "--generated", "--level", "frame",
+                    "--repeat", "1", "--out", str(out)], check=True, env=tool_env(), capture_output=True)
+    result = json.loads(out.read_text())
+    assert result["files"] == 4 and result["records"] == 400 and result["bytes"] > 0
+    for key in ("raw_read", "index", "index_serial"):
+        assert result[key]["best_mb_s"] > 0 and len(result[key]["seconds"]) == 1
+    assert result["index_over_raw_best"] == result["index"]["best_mb_s"] / result["raw_read"]["best_mb_s"]
+    assert result["first_call_seconds"] > 0
