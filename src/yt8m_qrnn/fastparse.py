@@ -24,7 +24,7 @@ import numpy as np
 from tensorflow.core.example import feature_pb2
 
 RGB_DIM, AUDIO_DIM = 1024, 128
-PADDING = 32  # zero bytes that must follow the last record: a length field is read 2 bytes at a time
+PADDING = 32  # zero bytes that must follow the last record: the walk reads up to 16 bytes past a field
 _TAG1, _TAG2, _TAG3 = 0x0A, 0x12, 0x1A  # fields 1, 2 and 3, length-delimited
 _ID, _LABELS, _RGB, _AUDIO = range(4)  # positions of the keys in the key tables below
 _JIT = dict(nogil=True, cache=True)

@@ -229,10 +229,10 @@ def index_shards(
 
     Shards are read in batches of about BATCH_BYTES. The framing and CRCs of a
     batch are checked in one pass (tfrecord.checked_layouts), and its records are
-    parsed together by compiled code (fastparse). Records
-    the fast path does not recognise are parsed one by one (parse_video_record),
-    and a file whose framing or CRCs fail is rescanned record by record, which
-    locates and explains every bad record exactly as a record-by-record index would.
+    parsed together by compiled code (fastparse). Records the fast path does not
+    recognise are parsed one by one (parse_video_record), and a file whose
+    framing or CRCs fail is rescanned record by record, which locates and
+    explains every bad record exactly as a record-by-record index would.
     """
     if on_bad_record not in ("fail", "skip"):
         raise ValueError(f"on_bad_record must be 'fail' or 'skip', not {on_bad_record!r}")
@@ -333,8 +333,8 @@ class _Loaded:
 
 
 def _read_batch(shards: list[tuple], buf: np.ndarray) -> _Loaded:
-    """Read the batch's files into buf back to back (as long as they were when batched), checking each one's
-    framing and CRCs while it is in the cache."""
+    """Read the batch's files into buf back to back (as long as they were when batched) and check their
+    framing and CRCs."""
     spans, pos = [], 0
     for _, path, _, _, _, size in shards:
         end = pos + _read_into(path, buf[pos:pos + size])
