@@ -129,7 +129,10 @@ def _only_field(buf, start, end, tag):
 
 @numba.njit(**_JIT)
 def _word(buf, pos, size):
-    """The `size` (<= 8) bytes at pos as a little-endian integer."""
+    """The `size` (<= 8) bytes at pos as a little-endian integer.
+
+    tfrecord has the same helper: numba's cache does not notice a change to a compiled
+    function in another file, so each module compiles its own."""
     word = np.uint64(0)
     for i in range(size):
         word |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
@@ -312,6 +315,13 @@ def _finish(buf, ok, id_start, id_size, labels_start, labels_size, num_classes, 
             np.ascontiguousarray(feature_starts[:, ok]))
 
 
+@numba.njit(**_JIT)
+def _spans(count):
+    """What a walk fills per record: recognised, then where the id and the packed labels start and their sizes."""
+    return (np.zeros(count, np.bool_), np.zeros(count, np.int64), np.zeros(count, np.int64),
+            np.zeros(count, np.int64), np.zeros(count, np.int64))
+
+
 def _contiguous(buf: np.ndarray, start: np.ndarray, size: np.ndarray):
     return (np.ascontiguousarray(buf, np.uint8), np.ascontiguousarray(start, np.int64),
             np.ascontiguousarray(size, np.int64))
@@ -319,9 +329,7 @@ def _contiguous(buf: np.ndarray, start: np.ndarray, size: np.ndarray):
 
 @numba.njit(**_JIT)
 def _examples(buf, start, size, key_length, key_low, key_high, float_headers, float_sizes, num_classes):
-    spans = (np.zeros(len(start), np.bool_), np.zeros(len(start), np.int64), np.zeros(len(start), np.int64),
-             np.zeros(len(start), np.int64), np.zeros(len(start), np.int64))
-    feature_starts = np.zeros((2, len(start)), np.int64)
+    spans, feature_starts = _spans(len(start)), np.zeros((2, len(start)), np.int64)
     _walk_examples(buf, start, size, key_length, key_low, key_high, float_headers, float_sizes, *spans,
                    feature_starts)
     return _finish(buf, *spans, num_classes, np.ones(len(start), np.int64), feature_starts)
@@ -340,9 +348,7 @@ def video_records(buf: np.ndarray, start: np.ndarray, size: np.ndarray, id_key: 
 @numba.njit(**_JIT)
 def _sequence_examples(buf, start, size, key_length, key_low, key_high, list_length, list_low, list_high,
                        prefix_words, strides, num_classes):
-    spans = (np.zeros(len(start), np.bool_), np.zeros(len(start), np.int64), np.zeros(len(start), np.int64),
-             np.zeros(len(start), np.int64), np.zeros(len(start), np.int64))
-    feature_starts = np.zeros((2, len(start)), np.int64)
+    spans, feature_starts = _spans(len(start)), np.zeros((2, len(start)), np.int64)
     frames = np.zeros(len(start), np.int64)
     _walk_sequence_examples(buf, start, size, key_length, key_low, key_high, list_length, list_low, list_high,
                             prefix_words, strides, *spans, feature_starts, frames)

@@ -15,8 +15,7 @@ import numba
 import numpy as np
 
 HEADER = struct.Struct("<QI")
-_LENGTH = struct.Struct("<Q")
-_LENGTH_SIZE = _LENGTH.size
+_LENGTH_SIZE = 8  # the uint64 data length that starts a record
 FOOTER = struct.Struct("<I")
 HEADER_SIZE = HEADER.size
 FOOTER_SIZE = FOOTER.size
@@ -171,7 +170,7 @@ def _walk_spans(buf, starts, ends):
     """(layout, counts): layout[0] the header positions that the length fields lead to from each start,
     layout[1] the data lengths, span after span; counts[k] the records of span k, or -1 unless they end
     exactly at ends[k] (then none of its records are in layout)."""
-    counts = np.empty(len(starts), np.int64)
+    counts = np.empty(len(starts), np.int64)  # counted first: a layout sized from the byte count would be MBs
     for k in range(len(starts)):
         counts[k] = _walk_lengths(buf, starts[k], ends[k], np.empty((2, 0), np.int64))
     layout = np.empty((2, np.maximum(counts, 0).sum()), np.int64)
@@ -189,9 +188,7 @@ def _walk_lengths(buf, start, end, layout):
     framing = HEADER_SIZE + FOOTER_SIZE
     pos, count = start, 0
     while pos <= end - framing:
-        length = np.uint64(0)
-        for i in range(8):
-            length |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
+        length = _word(buf, pos, _LENGTH_SIZE)
         if length > np.uint64(end - pos - framing):
             return -1
         if count < layout.shape[1]:
@@ -229,15 +226,22 @@ def crcs_match(buf: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> boo
 
 
 @numba.njit(nogil=True, cache=True)
+def _word(buf, pos, size):
+    """The `size` (<= 8) bytes at buf[pos] as a little-endian uint64."""
+    word = np.uint64(0)
+    for i in range(size):
+        word |= np.uint64(buf[pos + i]) << np.uint64(8 * i)
+    return word
+
+
+@numba.njit(nogil=True, cache=True)
 def _swap_crc_words(buf, offsets, lengths, saved, replace):
     """replace: save each record's two stored CRCs and write unmask(crc) ^ _CRC_RESET in their place;
     else write the saved words back. (numba widens uint32 arithmetic: hence the int64 and the masks.)"""
     for r in range(len(offsets)):
         for k, at in enumerate((offsets[r] + _LENGTH_SIZE, offsets[r] + HEADER_SIZE + lengths[r])):
             if replace:
-                word = np.int64(0)
-                for i in range(4):
-                    word |= np.int64(buf[at + i]) << (8 * i)
+                word = np.int64(_word(buf, at, FOOTER_SIZE))
                 saved[r, k] = word
                 rotated = (word - _MASK_DELTA) & _U32
                 word = (((rotated << 15) | (rotated >> 17)) & _U32) ^ _CRC_RESET
