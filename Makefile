@@ -8,7 +8,7 @@ CORES ?= $(shell nproc)
 export PATH := $(BIN):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL := 2
 
-.PHONY: run test test-fast lock repro clean
+.PHONY: run test test-fast lock repro clean sample
 
 $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required, found " + sys.version' 
@@ -21,6 +21,23 @@ $(STAMP): requirements.lock requirements-nodeps.txt pyproject.toml
 run: $(STAMP)
 	snakemake --cores $(CORES)
 	@echo "Report: results/report.md"
+
+# make sample: the real sample (config/params.sample.yaml) in runs/sample/, beside the default run.
+# SAMPLE_MIRROR=/path: a file:// mirror instead of the public bucket; SHARED_YT8M: the shared real
+# shards, laid out as a mirror of symlinks (runs/sample/mirror) when SAMPLE_MIRROR is not given.
+SAMPLE := runs/sample
+SHARED_YT8M ?= $(CURDIR)/../shared/yt8m
+SAMPLE_MIRROR ?= $(if $(wildcard $(SHARED_YT8M)/2018/video/validate0099.tfrecord),$(CURDIR)/$(SAMPLE)/mirror,)
+
+sample: $(STAMP)
+	mkdir -p $(SAMPLE)
+	ln -sfn ../../workflow $(SAMPLE)/workflow && ln -sfn ../../src $(SAMPLE)/src
+	$(if $(filter $(CURDIR)/$(SAMPLE)/mirror,$(SAMPLE_MIRROR)),mkdir -p $(SAMPLE)/mirror/2/video/validate && \
+		ln -sf $(SHARED_YT8M)/2018/video/validate00*.tfrecord $(SAMPLE)/mirror/2/video/validate/,)
+	sed $(if $(SAMPLE_MIRROR),'s|^  source: gs://us.data.yt8m.org|  source: file://$(SAMPLE_MIRROR)|',) \
+		config/params.sample.yaml > $(SAMPLE)/params.yaml.tmp && mv $(SAMPLE)/params.yaml.tmp $(SAMPLE)/params.yaml
+	snakemake --snakefile $(CURDIR)/Snakefile --directory $(SAMPLE) --cores $(CORES)
+	@echo "Report: $(SAMPLE)/results/report.md"
 
 test: $(STAMP)
 	pytest

@@ -112,12 +112,25 @@ def _check_cross_references(params: dict, source: str) -> None:
                 isinstance(selection, list) and max(selection) >= available)
             if too_many:
                 raise ParamsError(f"{source}: data.shards.{split}: selects more shards than the {available} generated")
-    for name, model in params["models"].items():
-        needed = KIND_LEVELS[model["kind"]]
-        if needed is not None and model["level"] != needed:
-            raise ParamsError(f"{source}: models.{name}.level: kind {model['kind']} needs level {needed!r}")
-        if model["level"] not in data["levels"]:
-            raise ParamsError(f"{source}: models.{name}.level: {model['level']!r} is not fetched (data.levels: {data['levels']})")
+    for name in params["run_models"]:  # a model defined but not run is not checked against the data
+        _check_model(params["models"][name], f"{source}: models.{name}", data["levels"])
+    if params["index"]["protocol"] == "starter" and "train" not in data["splits"]:
+        raise ParamsError(f"{source}: index.protocol: 'starter' trains on the train split, which data.splits "
+                          f"({data['splits']}) does not fetch")
+
+
+def _check_model(model: dict, where: str, levels: list[str]) -> None:
+    needed = KIND_LEVELS[model["kind"]]
+    if needed is not None and model["level"] != needed:
+        raise ParamsError(f"{where}.level: kind {model['kind']} needs level {needed!r}")
+    if model["level"] not in levels:
+        raise ParamsError(f"{where}.level: {model['level']!r} is not fetched (data.levels: {levels})")
+    if model["kind"] == "qrnn" and model["level"] == "video":
+        # the video vector is a sequence of one step: no previous step for a window to reach, no state to zone out to
+        for key, only in (("window", 1), ("zoneout", 0)):
+            if model.get(key, only) != only:
+                raise ParamsError(f"{where}.{key}: a video-level QRNN runs over one step, so {key} must be {only} "
+                                  f"(got {model[key]})")
 
 
 def num_classes(params: dict) -> int:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .io import atomic_path, write_json
+from .io import atomic_folder, atomic_path, write_json
 from .metrics import EvaluationMetrics, class_prior_predictions, top_k_by_row
 
 log = logging.getLogger("yt8m_qrnn.evaluate")
@@ -195,21 +195,38 @@ def per_class_table(result: dict, train_counts: np.ndarray, label_names: dict[in
 
 # ---------------------------------------------------------------- the stage
 
-def predict(model, dataset):
+# Each model's seed ensemble is also kept in full (float16) for the ensemble of all models, when it is
+# at most this many scores (the 2018 validate split would be 1.1M videos x 3862 classes: 8.5 GB).
+FULL_PREDICTIONS_LIMIT = 1 << 28
+ENSEMBLE = "ensemble"
+
+
+def predict(models: dict, dataset):
+    """Per batch: ids, {seed: predictions}, their mean (the seeds' ensemble), dense labels."""
     import keras
 
     for ids, inputs, labels in dataset:
-        predictions = keras.ops.convert_to_numpy(model(inputs, training=False))
-        yield [i.decode() for i in ids.numpy()], predictions, labels.numpy()
+        outputs = {seed: keras.ops.convert_to_numpy(model(inputs, training=False)) for seed, model in models.items()}
+        mean = np.mean(np.stack(list(outputs.values())), axis=0, dtype=np.float32)
+        yield [i.decode() for i in ids.numpy()], outputs, mean, labels.numpy()
 
 
 def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, num_classes: int, data_root: Path,
-                   index_path: Path, model_path: Path, out_dir: Path, label_names: dict[int, str] | None = None) -> dict:
+                   index_path: Path, model_paths: dict[int, Path], out_dir: Path,
+                   label_names: dict[int, str] | None = None) -> dict:
+    """Scores every seed's model and their ensemble (the mean of their predictions) on the eval subset.
+
+    metrics.json's top-level metrics are the means over the seeds, with the 95% interval over seeds;
+    the seeds' ensemble and each seed are listed too. predictions/ keeps, per seed and for the
+    ensemble, each video's top-k pairs (stats.TopK), for bootstrap intervals and paired comparisons.
+    eval_predictions.csv, submission.csv, per_class_ap.csv and pr_curve.csv are the ensemble's.
+    """
     import keras
 
     from . import data as data_lib
     from . import models  # noqa: F401  (registers the custom layers for loading)
     from . import qrnn  # noqa: F401
+    from .stats import TopK, seed_interval
 
     index = pd.read_parquet(index_path)
     level = model_cfg["level"]
@@ -219,7 +236,7 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
         vocabulary = find_vocabulary(eval_cfg, data_root, version)
         label_names = load_vocabulary(vocabulary, num_classes) if vocabulary else {}
         log.info("label names: %s", vocabulary or "none found (class indices)")
-    model = keras.saving.load_model(model_path, compile=False)
+    loaded = {seed: keras.saving.load_model(path, compile=False) for seed, path in sorted(model_paths.items())}
     eval_rows = data_lib.subset_rows(index, "eval", level)
     if eval_rows.empty:
         raise ValueError(f"{index_path}: no {level}-level videos in the eval subset")
@@ -228,20 +245,37 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
 
     dataset = data_lib.make_dataset(data_root, eval_rows, level, version, num_classes, eval_cfg["batch_size"],
                                     with_ids=True)
-    metrics = EvaluationMetrics(num_classes, top_k)
+    keys = [*loaded, ENSEMBLE]
+    metrics = {key: EvaluationMetrics(num_classes, top_k) for key in keys}
+    parts: dict = {key: [] for key in keys}
+    keep_full = len(eval_rows) * num_classes <= FULL_PREDICTIONS_LIMIT
+    full = []
     with PairsWriter(out_dir / "eval_predictions.csv", top_k) as eval_out:
-        for ids, predictions, labels in predict(model, dataset):
-            metrics.accumulate(predictions, labels)
-            eval_out.write(ids, predictions)
-    result = metrics.get()
-    test_videos = _write_submission(out_dir / "submission.csv", model, index, level, version, num_classes, data_root,
+        for ids, outputs, mean, labels in predict(loaded, dataset):
+            label_lists = [np.flatnonzero(row) for row in labels]
+            for key, predictions in (outputs | {ENSEMBLE: mean}).items():
+                metrics[key].accumulate(predictions, labels)
+                parts[key].append(TopK.from_predictions(np.asarray(ids), predictions, label_lists, num_classes,
+                                                        top_k))
+            eval_out.write(ids, mean)
+            if keep_full:
+                full.append(mean.astype(np.float16))
+    results = {key: m.get() for key, m in metrics.items()}
+    _write_predictions(out_dir / "predictions", {key: TopK.concatenate(p) for key, p in parts.items()},
+                       np.concatenate(full) if keep_full else None)
+    test_videos = _write_submission(out_dir / "submission.csv", loaded, index, level, version, num_classes, data_root,
                                     eval_cfg)
     train_counts = label_counts(train_rows, num_classes)
-    summary = {k: float(result[k]) for k in METRIC_KEYS} | {
-        "num_videos": int(result["num_videos"]),
+    per_seed = {str(seed): {k: float(results[seed][k]) for k in METRIC_KEYS} for seed in loaded}
+    intervals = {k: seed_interval([m[k] for m in per_seed.values()]) for k in METRIC_KEYS}
+    summary = {k: float(intervals[k][0]) for k in METRIC_KEYS} | {
+        "seed_interval": {k: _finite(intervals[k][1]) for k in METRIC_KEYS},
+        "seeds": per_seed,
+        "ensemble": {k: float(results[ENSEMBLE][k]) for k in METRIC_KEYS},
+        "num_videos": int(results[ENSEMBLE]["num_videos"]),
         "num_test_videos": int(test_videos),
         "num_classes": int(num_classes),
-        "classes_present": int(np.count_nonzero(result["class_positives"])),
+        "classes_present": int(np.count_nonzero(results[ENSEMBLE]["class_positives"])),
         "top_k": int(top_k),
         "level": level,
         "vocabulary": str(vocabulary) if vocabulary else ("given" if label_names else "none"),
@@ -249,18 +283,32 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
         if len(train_rows) else {k: 0.0 for k in METRIC_KEYS},
     }
     with atomic_path(out_dir / "per_class_ap.csv") as tmp:
-        per_class_table(result, train_counts, label_names).to_csv(tmp, index=False)
+        per_class_table(results[ENSEMBLE], train_counts, label_names).to_csv(tmp, index=False)
     with atomic_path(out_dir / "pr_curve.csv") as tmp:
-        pd.DataFrame(metrics.precision_recall_curve(eval_cfg["pr_curve_points"])).to_csv(tmp, index=False)
+        pd.DataFrame(metrics[ENSEMBLE].precision_recall_curve(eval_cfg["pr_curve_points"])).to_csv(tmp, index=False)
     write_json(out_dir / "metrics.json", summary)
-    log.info("%s: GAP %.4f MAP %.4f Hit@1 %.4f PERR %.4f on %d videos; %d test videos predicted", name,
-             summary["gap"], summary["map"], summary["hit_at_one"], summary["perr"], summary["num_videos"],
-             test_videos)
+    log.info("%s: GAP %.4f +- %.4f over %d seeds (ensemble %.4f), MAP %.4f, Hit@1 %.4f, PERR %.4f on %d videos; "
+             "%d test videos predicted", name, summary["gap"], intervals["gap"][1], len(loaded),
+             summary["ensemble"]["gap"], summary["map"], summary["hit_at_one"], summary["perr"],
+             summary["num_videos"], test_videos)
     return summary
 
 
-def _write_submission(path, model, index, level, version, num_classes, data_root, eval_cfg) -> int:
-    """Top-k predictions for the unlabelled test videos, in the Kaggle format; returns their number."""
+def _finite(value: float) -> float | None:
+    return float(value) if np.isfinite(value) else None
+
+
+def _write_predictions(folder: Path, topks: dict, full: np.ndarray | None) -> None:
+    """predictions/: seed-<s>.npz and ensemble.npz (stats.TopK), ensemble_full.npy when kept; written whole."""
+    with atomic_folder(folder) as tmp:
+        for key, topk in topks.items():
+            topk.save(tmp / (f"{key}.npz" if key == ENSEMBLE else f"seed-{key}.npz"))
+        if full is not None:
+            np.save(tmp / "ensemble_full.npy", full)
+
+
+def _write_submission(path, models, index, level, version, num_classes, data_root, eval_cfg) -> int:
+    """The seeds' ensemble's top-k predictions for the unlabelled test videos, in the Kaggle format."""
     from . import data as data_lib
 
     test_rows = data_lib.subset_rows(index, "test", level)
@@ -268,6 +316,6 @@ def _write_submission(path, model, index, level, version, num_classes, data_root
         if not test_rows.empty:
             dataset = data_lib.make_dataset(data_root, test_rows, level, version, num_classes, eval_cfg["batch_size"],
                                             with_ids=True)
-            for ids, predictions, _ in predict(model, dataset):
-                out.write(ids, predictions)
+            for ids, _, mean, _ in predict(models, dataset):
+                out.write(ids, mean)
     return out.rows

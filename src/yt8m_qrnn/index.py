@@ -48,7 +48,7 @@ from .tfrecord import (
 RGB_DIM, AUDIO_DIM = 1024, 128
 ID_KEYS = {2: "id", 1: "video_id"}
 LEVELS = ("video", "frame")
-SUBSETS = ("train", "eval", "test")
+SUBSETS = ("train", "valid", "eval", "test")
 COLUMNS = ["shard", "level", "split", "offset", "length", "id", "labels", "num_frames", "rgb_at", "audio_at",
            "data_crc"]
 PARQUET_SCHEMA = pa.schema([
@@ -537,19 +537,41 @@ def hash_bucket(salt: str, video_id: str) -> float:
     return int(hashlib.sha256((salt + video_id).encode()).hexdigest()[:16], 16) / 2**64
 
 
-def assign_subsets(df: pd.DataFrame, eval_splits: list[str], eval_fraction: float, salt: str) -> pd.DataFrame:
-    """A copy of df with column `subset`.
+SPLIT_PROTOCOLS = ("starter", "hash")
+VALIDATION_SALT_SUFFIX = ":validation"
 
-    'test': unlabelled videos of a split named 'test'; 'eval': videos of
-    eval_splits whose hash bucket is below eval_fraction; 'train': the rest.
+
+def assign_subsets(df: pd.DataFrame, eval_splits: list[str], eval_fraction: float, salt: str,
+                   protocol: str = "hash", validation_fraction: float = 0.0) -> pd.DataFrame:
+    """A copy of df with column `subset`: train, valid, eval or test.
+
+    'test': unlabelled videos of a split named 'test'. 'eval' by `protocol`:
+    - "starter" (the starter code's): every video of eval_splits is held out, the train
+      split is trained on (eval_fraction is not used);
+    - "hash": the videos of eval_splits whose hash bucket is below eval_fraction; every
+      other labelled video is trained on.
+    'valid': validation_fraction of the training videos, by a second salted hash of the id
+    (for choosing the epoch; never trained on). 'train': the rest.
     """
-    buckets = np.array([hash_bucket(salt, video_id) for video_id in df["id"]], dtype=np.float64)
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"index.protocol: {protocol!r} is not one of {', '.join(SPLIT_PROTOCOLS)}")
+    ids = df["id"]
     unlabelled = np.array([len(labels) == 0 for labels in df["labels"]], dtype=bool)
     test = (df["split"].to_numpy() == "test") & unlabelled
-    held_out = df["split"].isin(list(eval_splits)).to_numpy() & (buckets < eval_fraction)
+    in_eval_splits = df["split"].isin(list(eval_splits)).to_numpy()
+    if protocol == "hash":
+        held_out = in_eval_splits & (_buckets(salt, ids) < eval_fraction)
+    else:
+        held_out = in_eval_splits
+    validation = _buckets(salt + VALIDATION_SALT_SUFFIX, ids) < validation_fraction
+    subset = np.where(test, "test", np.where(held_out, "eval", np.where(validation, "valid", "train")))
     out = df.copy()
-    out["subset"] = pd.Series(np.where(test, "test", np.where(held_out, "eval", "train")), index=df.index, dtype=str)
+    out["subset"] = pd.Series(subset, index=df.index, dtype=str)
     return out
+
+
+def _buckets(salt: str, ids: Iterable[str]) -> np.ndarray:
+    return np.array([hash_bucket(salt, video_id) for video_id in ids], dtype=np.float64)
 
 
 def label_statistics(df: pd.DataFrame, num_classes: int) -> dict:
@@ -601,9 +623,11 @@ def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
     shards = [(Path(data_root) / f["name"], f["name"], f["level"], f["split"]) for f in manifest["files"]]
     try:
         df, bad = index_shards(shards, version, index_params["on_bad_record"])
-        df = assign_subsets(df, index_params["eval_splits"], index_params["eval_fraction"], index_params["salt"])
+        df = assign_subsets(df, index_params["eval_splits"], index_params["eval_fraction"], index_params["salt"],
+                            index_params.get("protocol", "hash"), index_params.get("validation_fraction", 0.0))
         stats = label_statistics(df, NUM_CLASSES[version])
         stats["shards"] = len(shards)
+        stats["protocol"] = index_params.get("protocol", "hash")
         stats["bad_records"] = {"count": len(bad), "records": bad}
         table = pa.Table.from_pandas(df, schema=PARQUET_SCHEMA, preserve_index=False)
         with atomic_path(out_parquet) as tmp:

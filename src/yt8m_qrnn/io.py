@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +50,26 @@ def atomic_path(final: Path):
     finally:
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Yield a new empty folder beside `final`; it replaces `final` only if the block succeeds.
+
+    A kill between removing the old folder and renaming the new one leaves no `final`
+    (never a half-written one); the temporary is removed on any error.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: Path, obj) -> None:

@@ -313,6 +313,11 @@ class EvaluationMetrics:
                 chunks[:] = [np.concatenate(chunks)]
         return self._scores[0], self._positives[0], self._classes[0]
 
+    def gap(self) -> float:
+        """GAP@top_k alone (what choosing an epoch needs); ValueError if there are no videos."""
+        scores, positives, _ = self._pooled_pairs()
+        return average_precision_from_pairs(scores, positives, int(self._class_positives.sum()))
+
     def get(self) -> dict:
         """All metrics over every accumulated video; ValueError if there are none."""
         scores, positives, classes = self._pooled_pairs()

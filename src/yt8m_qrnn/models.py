@@ -22,7 +22,9 @@ losses.py, train.py of google/youtube-8m, 2018) and its flag defaults:
   batch norm, relu6, max pooling over the samples, projection to `hidden_size` (1024),
   batch norm, relu6 -> MoE;
 - qrnn: a QRNNStack (yt8m_qrnn.qrnn) whose last layer's final state feeds an MoE head,
-  like the LSTM; at level "video" the 1152-d video vector is a sequence of length 1.
+  like the LSTM; at level "video" the 1152-d video vector is a sequence of one step, so
+  window 1 and no zoneout: each layer is h = o * (1 - f) * z, a gated feed-forward layer
+  (fo-pooling from an empty state), and every parameter trains.
 
 Weight penalties: the starter's slim.l2_regularizer(scale) adds scale * sum(w**2) / 2
 (tf.nn.l2_loss), so a starter l2_penalty p is keras.regularizers.L2(p / 2) here.
@@ -376,11 +378,17 @@ def build_qrnn(cfg, num_classes):
     if cfg["level"] == "video":
         inputs, x = _video_input()
         x, mask = layers.Reshape((1, FEATURE_DIM), name="as_sequence")(x), None
+        window, zoneout = cfg.get("window", 1), cfg.get("zoneout", 0.0)
+        if window != 1 or zoneout:
+            # one step: a wider window would only ever see padding, zoneout would zero the output
+            raise ValueError(f"a video-level QRNN runs over one step: window must be 1 and zoneout 0 "
+                             f"(got window {window}, zoneout {zoneout})")
     else:
         inputs, x, mask = _frame_input()
+        window, zoneout = cfg.get("window", 2), cfg.get("zoneout", 0.0)
     stack = QRNNStack(
-        cfg.get("hidden", 1024), cfg.get("layers", 2), window=cfg.get("window", 2), pooling=cfg.get("pooling", "fo"),
-        zoneout=cfg.get("zoneout", 0.0), dense=cfg.get("dense", False), bidirectional=cfg.get("bidirectional", False),
+        cfg.get("hidden", 1024), cfg.get("layers", 2), window=window, pooling=cfg.get("pooling", "fo"),
+        zoneout=zoneout, dense=cfg.get("dense", False), bidirectional=cfg.get("bidirectional", False),
         pool_impl=cfg.get("pool_impl", "auto"), name="qrnn")
     state = stack(x, mask=mask)
     return inputs, _moe_head(state, cfg, num_classes)

@@ -27,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from . import comparison
 from .io import atomic_path, write_text
 from .machine import cpu_model
 
@@ -41,7 +42,8 @@ GENERATED_TAG = "generated data: not comparable with the paper"
 # The report stage's inputs, as dvc.yaml declares them (tests/test_report.py checks):
 # under `results`, and in the repository.
 RESULT_INPUTS = ("index/label_stats.json", "data/manifest.json", "models", "eval", "bench")
-CODE_INPUTS = ("workflow/scripts/report.py", "src/yt8m_qrnn/report.py", "src/yt8m_qrnn/paper_numbers.yaml")
+CODE_INPUTS = ("workflow/scripts/report.py", "src/yt8m_qrnn/report.py", "src/yt8m_qrnn/comparison.py",
+               "src/yt8m_qrnn/stats.py", "src/yt8m_qrnn/paper_numbers.yaml")
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "pyarrow", "matplotlib", "snakemake", "dvc",
             "gcsfs", "jsonschema", "pyyaml", "yt8m-qrnn")
 TRAIN_KEYS = ("kind", "level", "parameters", "model_size_mb", "examples_per_second", "wall_seconds", "train_videos",
@@ -68,6 +70,14 @@ class ModelRun:
     history: pd.DataFrame
     per_class: pd.DataFrame | None = None
     pr_curve: pd.DataFrame | None = None
+    scores: comparison.ModelScores | None = None
+    intervals: dict | None = None  # metric -> comparison.Interval
+
+    def metric(self, key: str, digits: int = 3) -> str:
+        """The metric with its intervals (mean ± seeds [videos]), or the plain value when none were computed."""
+        if self.intervals and key in self.intervals:
+            return self.intervals[key].text(digits)
+        return fmt(self.metrics[key], digits)
 
     @property
     def kind(self) -> str:
@@ -137,7 +147,8 @@ def load_model_run(results: Path, name: str) -> ModelRun:
     stamp = results / "params" / f"evaluate-{name}.json"
     if metrics.get("top_k") is None and stamp.exists():  # metrics.json written before it recorded top_k
         metrics["top_k"] = json.loads(stamp.read_text()).get("evaluate", {}).get("top_k")
-    return ModelRun(name, stats, metrics, history, per_class, pr_curve)
+    scores = comparison.load_scores(results, name, stats["kind"], stats["level"])
+    return ModelRun(name, stats, metrics, history, per_class, pr_curve, scores)
 
 
 def is_generated(manifest: dict) -> bool:
@@ -220,8 +231,8 @@ def table1(runs: list[ModelRun], reference: dict) -> pd.DataFrame:
     rows, placed = [], set()
 
     def own(run):
-        return {"Level": run.level, "Model": f"{run.name} (this run)", "PERR": fmt(run.metrics["perr"]),
-                "Hit@1": fmt(run.metrics["hit_at_one"]), "Source": "this run"}
+        return {"Level": run.level, "Model": f"{run.name} (this run, {_seeds_text(run)})",
+                "PERR": run.metric("perr"), "Hit@1": run.metric("hit_at_one"), "Source": "this run"}
 
     for ref in reference["table1"]:
         quoted = f", quoted as {ref['quoted']}" if ref.get("quoted") else ""
@@ -238,11 +249,19 @@ def table1(runs: list[ModelRun], reference: dict) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["Level", "Model", "PERR", "Hit@1", "Source"])
 
 
-def table2(runs: list[ModelRun], reference: dict) -> pd.DataFrame:
+def _seeds_text(run: ModelRun) -> str:
+    count = len(run.stats.get("seeds", [])) or 1
+    return f"{count} seeds" if count > 1 else "1 seed"
+
+
+def table2(runs: list[ModelRun], reference: dict, ensembles: list = ()) -> pd.DataFrame:
+    """GAP of each model, of the ensembles (name, models, intervals), the class priors and the references."""
     at = _top_k(runs)
     gap = f"GAP{at}"
-    rows = [{"Model": f"{run.name} (this run, {run.level} level)", gap: fmt(run.metrics["gap"], 4), "Models": 1,
-             "Source": "this run"} for run in runs]
+    rows = [{"Model": f"{run.name} (this run, {run.level} level, {_seeds_text(run)})", gap: run.metric("gap", 4),
+             "Models": 1, "Source": "this run"} for run in runs]
+    rows += [{"Model": f"{name} (this run)", gap: intervals["gap"].text(4), "Models": count,
+              "Source": "this run (ensemble)"} for name, count, intervals in ensembles]
     rows += [{"Model": f"class prior (this run, {level} level)", gap: fmt(prior.get("gap"), 4), "Models": "baseline",
               "Source": "this run (baseline)"} for level, prior in _class_priors(runs).items()]
     rows += [{"Model": ref["model"], gap: f"{ref['gap']:g}", "Models": ref["models_in_ensemble"],
@@ -266,7 +285,7 @@ def models_table(runs: list[ModelRun], reference: dict, manifest: dict) -> pd.Da
         size = float(s["model_size_mb"])
         rows.append({
             "Model": run.name, "Kind": run.kind, "Level": run.level,
-            "MAP (2018: all classes)": fmt(m["map"], 4),
+            "MAP (2018: all classes)": run.metric("map", 4),
             "MAP (2019: classes present)": fmt(m["map_present"], 4),
             "Parameters": _parameters(s),
             "Size (MB)": f"{size:.1f}",
@@ -275,7 +294,7 @@ def models_table(runs: list[ModelRun], reference: dict, manifest: dict) -> pd.Da
             "After epoch 1": _after_first_epoch(s),
             "Train wall time": fmt_seconds(s["wall_seconds"]),
             "Trained on": _trained_on(s),
-            "Epochs": s["epochs"],
+            "Epoch kept (per seed)": _epochs_kept(s),
             "Train videos": f"{int(s['train_videos']):,}",
             "Eval videos": f"{int(m['num_videos']):,}",
             "Data": data_label(manifest),
@@ -293,7 +312,21 @@ def _after_first_epoch(stats: dict) -> str:
     rate = stats.get("examples_per_second_after_first_epoch")
     if rate:
         return fmt_rate(rate)
-    return f"{NA} (one epoch)" if int(stats["epochs"]) <= 1 else f"{NA} (not recorded)"
+    return f"{NA} (one epoch)" if max(_as_list(stats["epochs"])) <= 1 else f"{NA} (not recorded)"
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _epochs_kept(stats: dict) -> str:
+    """'12, 15, 11 of 120 (validation GAP)', or the epochs run when no validation subset chose them."""
+    kept = _as_list(stats.get("best_epochs", stats["epochs"]))
+    cap = stats.get("max_epochs", max(_as_list(stats["epochs"])))
+    how = "validation GAP" if stats.get("validation_videos") else "no validation subset: the last"
+    at_cap = " (the cap: the budget may bind)" if any(int(e) >= int(cap) for e in kept) and stats.get(
+        "validation_videos") else ""
+    return f"{', '.join(str(int(e)) for e in kept)} of {cap} ({how}){at_cap}"
 
 
 def _trained_on(stats: dict) -> str:
@@ -392,28 +425,48 @@ def _finish(fig, path: Path, title: str, generated: bool) -> None:
     _pyplot().close(fig)
 
 
+def _seed_histories(run: ModelRun):
+    """(seed, that seed's rows of history.csv), in seed order; one unnamed seed for an old history."""
+    h = run.history
+    if "seed" not in h:
+        yield None, h
+        return
+    for seed, rows in h.groupby("seed", sort=True):
+        yield seed, rows
+
+
 def plot_training_curves(runs, folder: Path, generated: bool) -> Figure:
     plt = _pyplot()
     colors = _colors(runs)
-    fig, (loss_ax, rel_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (loss_ax, val_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
     for run in runs:
-        h = run.history
         label = run.name if run.name == run.kind else f"{run.name} ({run.kind})"
-        loss_ax.plot(h["epoch"], h["loss"], marker="o", color=colors[run.name], label=label)
-        first = float(h["loss"].iloc[0]) if len(h) else 0.0
-        if first > 0:
-            rel_ax.plot(h["epoch"], h["loss"] / first, marker="o", color=colors[run.name], label=label)
+        kept = dict(zip(run.stats.get("seeds", []), run.stats.get("best_epochs", [])))
+        for number, (seed, h) in enumerate(_seed_histories(run)):
+            name = label if number == 0 else None
+            loss_ax.plot(h["epoch"], h["loss"], color=colors[run.name], alpha=0.8, label=name)
+            if "val_gap" in h and pd.to_numeric(h["val_gap"], errors="coerce").notna().any():
+                gap = pd.to_numeric(h["val_gap"], errors="coerce")
+                val_ax.plot(h["epoch"], gap, color=colors[run.name], alpha=0.8, label=name)
+                best = kept.get(seed)
+                if best is not None and (h["epoch"] == best).any():
+                    val_ax.plot([best], gap[h["epoch"] == best], marker="*", markersize=11, color=colors[run.name])
     loss_ax.set(xlabel="epoch", ylabel="training loss (starter cross-entropy, log scale)", yscale="log",
-                title="Loss per epoch")
-    rel_ax.set(xlabel="epoch", ylabel="loss / loss of the first epoch", title="Loss relative to the first epoch")
-    for ax in (loss_ax, rel_ax):
+                title="Training loss per epoch (one line per seed)")
+    val_ax.set(xlabel="epoch", ylabel="GAP@20 on the validation videos",
+               title="Validation GAP (star: the epoch kept)")
+    for ax in (loss_ax, val_ax):
         ax.grid(alpha=0.3)
         ax.xaxis.get_major_locator().set_params(integer=True)
     loss_ax.legend(fontsize=8)
-    _finish(fig, folder / "training_curves.png", "Training curves", generated)
-    return Figure("Training curves", "figures/training_curves.png",
-                  "Training loss per epoch (mean over the epoch's batches), from each model's history.csv, "
-                  "absolute and relative to the first epoch.")
+    if val_ax.lines:
+        val_ax.legend(fontsize=8)
+    _finish(fig, folder / "training_curves.png", "Training and validation curves", generated)
+    return Figure("Training and validation curves", "figures/training_curves.png",
+                  "Left: training loss per epoch (mean over the epoch's batches). Right: the official GAP@20 on the "
+                  "validation videos (training videos held out by hash of id) after every epoch; each seed keeps the "
+                  "weights of its best epoch (star) and stops after `train.patience` epochs without a better one. "
+                  "From each model's history.csv.")
 
 
 def plot_metrics_vs_paper(runs, reference, folder: Path, generated: bool) -> Figure:
@@ -553,7 +606,7 @@ def plot_throughput(runs, folder: Path, generated: bool) -> Figure:
     bar_ax.set(ylabel="training examples per second", title="Mean throughput")
     bar_ax.grid(axis="y", alpha=0.3)
     for run in chosen:
-        h = run.history
+        _, h = next(_seed_histories(run))  # the first seed
         if "seconds" in h and len(h):
             per_epoch = float(run.stats["train_videos"]) / h["seconds"].astype(float).clip(lower=1e-9)
             epoch_ax.plot(h["epoch"], per_epoch, marker="o", color=colors[run.name], label=run.name)
@@ -987,6 +1040,45 @@ def _details(summary: str, body: str) -> list[str]:
     return ["<details>", f"<summary>{summary}</summary>", "", body, "", "</details>", ""]
 
 
+def ensemble_rows(runs: list[ModelRun], resamples: int) -> list[tuple[str, int, dict]]:
+    """(name, number of models, intervals) of each model's seed ensemble and of each level's all-model ensemble."""
+    rows = [(f"{run.name}, ensemble of its {len(run.scores.seeds)} seeds", len(run.scores.seeds),
+             comparison.topk_intervals(run.scores.ensemble, resamples)) for run in runs if len(run.scores.seeds) > 1]
+    top_k = max(int(r.metrics.get("top_k") or 20) for r in runs)
+    for level, group in comparison.group_by_level([r.scores for r in runs]).items():
+        ensemble = comparison.all_models_ensemble(group, top_k)
+        if ensemble is not None:
+            count = sum(len(m.seeds) for m in group)
+            rows.append((f"ensemble of every {level}-level model ({', '.join(m.name for m in group)})", count,
+                         comparison.topk_intervals(ensemble, resamples)))
+    return rows
+
+
+def comparisons_table(comparisons: list) -> pd.DataFrame:
+    return pd.DataFrame([{"QRNN": c.qrnn, "Baseline": c.baseline, "Level": c.level,
+                          "GAP difference": f"{c.difference:+.4f}", "95% interval": f"[{c.low:+.4f}, {c.high:+.4f}]",
+                          "p": comparison._p_text(c.p_value).removeprefix("= "), "Outcome": c.outcome} for c in comparisons],
+                        columns=["QRNN", "Baseline", "Level", "GAP difference", "95% interval", "p", "Outcome"])
+
+
+def split_protocol_text(results: Path) -> str:
+    stamp = results / "params" / "index.json"
+    index = json.loads(stamp.read_text()).get("index", {}) if stamp.exists() else {}
+    protocol = index.get("protocol")
+    if protocol == "starter":
+        text = (f"the starter's protocol: trained on the `train` split, evaluated on all of "
+                f"{', '.join(index.get('eval_splits', []))}")
+    elif protocol == "hash":
+        text = (f"trained on every labelled video but {index.get('eval_fraction')} of "
+                f"{', '.join(index.get('eval_splits', []))} (by hash of id), which is evaluated on")
+    else:
+        text = "not recorded"
+    fraction = index.get("validation_fraction")
+    if fraction:
+        text += f"; {fraction} of the training videos (another hash of id) are held out to choose each seed's epoch"
+    return text + "."
+
+
 def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Path = Path("."),
                  reference_path: Path = REFERENCE) -> str:
     results, repo = Path(results), Path(repo)
@@ -999,10 +1091,17 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
     runs = [load_model_run(results, name) for name in models]
     min_positives = int(report_cfg.get("per_class_min_positives", 1))
     top_classes = int(report_cfg.get("per_class_top", 10))
+    resamples = int(report_cfg.get("bootstrap_resamples", 1000))
+    for run in runs:
+        run.intervals = comparison.model_intervals(run.scores, resamples)
+    ensembles = ensemble_rows(runs, resamples)
+    comparisons = comparison.compare_qrnns([r.scores for r in runs], resamples)
+    split = split_protocol_text(results)
 
     tables = {
         "table1": ("Table 1: PERR and Hit@1", table1(runs, reference)),
-        "table2": (f"Table 2: GAP{_top_k(runs)}", table2(runs, reference)),
+        "table2": (f"Table 2: GAP{_top_k(runs)}", table2(runs, reference, ensembles)),
+        "comparisons": ("QRNN against each baseline (paired bootstrap)", comparisons_table(comparisons)),
         "models": ("Every model", models_table(runs, reference, manifest)),
         "per_class": ("Per-class AP of the most frequent classes", per_class_table(runs, min_positives, top_classes)),
     }
@@ -1027,6 +1126,19 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         f"Evaluated on the held-out `eval` subset ({eval_sizes} videos) "
         f"with the official YouTube-8M 2018 metrics (`src/yt8m_qrnn/metrics.py`). Built {built}.",
         "",
+        f"Split: {split}",
+        "",
+        f"Every number of this run reads **mean ± half width [low, high]**: the mean over the training seeds, "
+        f"the half width of its 95% Student-t interval over the seeds, and the 95% bootstrap interval of that "
+        f"mean over the evaluation videos ({resamples} resamples, percentile; `src/yt8m_qrnn/stats.py`, "
+        "scipy). Each seed's epoch is chosen on the validation videos (section 3, and the validation curves).",
+        "",
+        "## Verdict",
+        "",
+        *comparison.verdict_lines([r.scores for r in runs], comparisons,
+                                  "generated data (a pipeline check, not the paper's question)" if generated
+                                  else f"real YouTube-8M data ({data_label(manifest)})"),
+        "",
         "## 1. Table 1: PERR and Hit@1",
         "",
         markdown_table(tables["table1"][1]),
@@ -1040,7 +1152,16 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "",
         markdown_table(tables["table2"][1]),
         "",
-        "Models: the number of models in the ensemble.",
+        "Models: the number of models in the ensemble. This run's ensembles average the predictions of each "
+        "model's seeds, and of every model of a level (the paper's future work), on the same videos.",
+        "",
+        "### QRNN against each baseline",
+        "",
+        markdown_table(tables["comparisons"][1]) if len(tables["comparisons"][1]) else
+        "No QRNN and baseline were evaluated on the same videos.",
+        "",
+        "Paired bootstrap over the evaluation videos: the same resampled videos for both models, the statistic "
+        "the difference of their seed-mean GAP@20; significant when the 95% interval excludes 0.",
         "",
         "## 3. Every model",
         "",

@@ -42,12 +42,18 @@ LOCK_DIR = Path("resources/locks")
 REPORT = Path("results/report.md")
 FIGURES = Path("results/figures")
 TABLES = Path("results/tables")
-TRAIN_FILES = ("model.keras", "train_stats.json", "history.csv")
-EVAL_FILES = ("eval_predictions.csv", "submission.csv", "metrics.json", "pr_curve.csv", "per_class_ap.csv")
+TRAIN_FILES = ("seeds", "train_stats.json", "history.csv")
+EVAL_FILES = ("predictions", "eval_predictions.csv", "submission.csv", "metrics.json", "pr_curve.csv",
+              "per_class_ap.csv")
 
 
 def model_dir(model: str) -> Path:
     return Path("results/models") / model
+
+
+def seed_dir(model: str, seed: int) -> Path:
+    """One seed's model.keras, history.csv and train_stats.json."""
+    return model_dir(model) / "seeds" / f"seed-{seed}"
 
 
 def eval_dir(model: str) -> Path:
@@ -220,13 +226,27 @@ def index(params: dict) -> None:
 
 
 def train(params: dict, model: str) -> None:
-    from .train import train_model
+    """Trains the model once per seed (train.seeds), then writes the seeds' summary and joint history.
+
+    A finished seed keeps its checkpoint until every seed is done, so a rerun after a kill
+    trains only the seeds not yet finished (the declared outputs are deleted before a rerun).
+    """
+    from .train import train_model, write_seed_summary
 
     p = stage_params(params, "train", model)
     version = p["data"]["version"]
-    stats = train_model(model, p["models"][model], p["train"], version=version, num_classes=NUM_CLASSES[version],
-                        data_root=DATA_ROOT, index_path=INDEX, out_dir=model_dir(model), work_dir=TRAIN_WORK / model)
-    log.info("trained %s: %d parameters, %.1f examples/s", model, stats["parameters"], stats["examples_per_second"])
+    train_cfg = {k: v for k, v in p["train"].items() if k != "seeds"}
+    runs = []
+    for number, seed in enumerate(p["train"]["seeds"], start=1):
+        log.info("%s: seed %d (%d of %d)", model, seed, number, len(p["train"]["seeds"]))
+        stats = train_model(model, p["models"][model], train_cfg | {"seed": seed}, version=version,
+                            num_classes=NUM_CLASSES[version], data_root=DATA_ROOT, index_path=INDEX,
+                            out_dir=seed_dir(model, seed), work_dir=TRAIN_WORK / model, keep_checkpoint=True)
+        log.info("trained %s seed %d: %d parameters, epoch %d of %d kept, %.1f examples/s", model, seed,
+                 stats["parameters"], stats["best_epoch"], stats["epochs"], stats["examples_per_second"])
+        runs.append((seed, stats))
+    write_seed_summary(model, runs, model_dir(model))
+    shutil.rmtree(TRAIN_WORK / model, ignore_errors=True)  # every seed is done; the outputs are the record
 
 
 def evaluate(params: dict, model: str) -> None:
@@ -234,8 +254,12 @@ def evaluate(params: dict, model: str) -> None:
 
     p = stage_params(params, "evaluate", model)
     version = p["data"]["version"]
+    seeds = sorted(int(path.name.split("-")[1]) for path in (model_dir(model) / "seeds").glob("seed-*"))
+    if not seeds:
+        raise FileNotFoundError(f"{model_dir(model) / 'seeds'}: no trained seeds; run the train stage first")
     evaluate_model(model, p["models"][model], p["evaluate"], version=version, num_classes=NUM_CLASSES[version],
-                   data_root=DATA_ROOT, index_path=INDEX, model_path=model_dir(model) / "model.keras",
+                   data_root=DATA_ROOT, index_path=INDEX,
+                   model_paths={seed: seed_dir(model, seed) / "model.keras" for seed in seeds},
                    out_dir=eval_dir(model))
 
 

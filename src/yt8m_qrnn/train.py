@@ -46,8 +46,14 @@ The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data), with:
 - Logs: a line every train.log_every_steps steps in the starter's style
   ("training step N | Loss: L Examples/sec: R", L the mean loss over those steps),
   a line per epoch, TensorBoard scalars per epoch, history.csv (one row per epoch).
-- Outputs: model.keras (float32, no optimizer state), history.csv and train_stats.json
-  (trainable parameters, model size, examples/sec, wall time, steps, devices, ...).
+- The epoch: when the index has a validation subset ("valid", index.validation_fraction of
+  the training videos by hash of id), it is scored with the official GAP after every epoch;
+  the best epoch's weights are kept (best.weights.h5 beside the checkpoint) and are the ones
+  written out, and training stops after train.patience epochs without a better GAP
+  (0: never early; models.<name>.epochs is the cap). Without one, the last epoch is kept.
+- Outputs: model.keras (float32, no optimizer state, the chosen epoch's weights), history.csv
+  (with val_gap) and train_stats.json (trainable parameters, model size, examples/sec, wall
+  time, steps, devices, the chosen epoch, ...).
 """
 from __future__ import annotations
 
@@ -72,15 +78,18 @@ import tensorflow as tf
 
 from . import data as data_lib
 from .io import atomic_path, config_digest, write_json
+from .metrics import EvaluationMetrics
 from .models import build_model, starter_cross_entropy, trainable_parameter_count
 
 log = logging.getLogger("yt8m_qrnn.train")
 
 ADAM_EPSILON = 1e-8  # tf.train.AdamOptimizer's default
-TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0}
+TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0, "patience": 0}
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTE = ("auto", "mirrored", "multi_worker", "none")
 STATE_FILE = "state.json"
+BEST_WEIGHTS = "best.weights.h5"
+VALIDATION_TOP_K = 20  # GAP@20, the official metric
 
 
 class TrainingInterrupted(RuntimeError):
@@ -210,6 +219,34 @@ class Checkpoint:
                 old.unlink(missing_ok=True)
 
 
+    def save_best(self, model: keras.Model) -> None:
+        """The chosen epoch's weights so far, replacing the previous best atomically."""
+        self.save_folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.save_folder / f".tmp-best-{os.getpid()}.weights.h5"
+        model.save_weights(tmp, overwrite=True)
+        _fsync(tmp)
+        os.replace(tmp, self.save_folder / BEST_WEIGHTS)
+
+    def restore_best(self, model: keras.Model) -> None:
+        path = self.save_folder / BEST_WEIGHTS
+        if not path.exists():
+            raise RuntimeError(f"{path}: the best epoch's weights are missing; remove {self.folder} and rerun")
+        model.load_weights(path)
+
+
+class Validator:
+    """Scores a model on the validation videos with the official GAP@20."""
+
+    def __init__(self, dataset, num_classes: int, count: int):
+        self.dataset, self.num_classes, self.count = dataset, num_classes, count
+
+    def gap(self, model: keras.Model) -> float:
+        metrics = EvaluationMetrics(self.num_classes, VALIDATION_TOP_K)
+        for inputs, labels in self.dataset:
+            metrics.accumulate(keras.ops.convert_to_numpy(model(inputs, training=False)), labels.numpy())
+        return float(metrics.gap())
+
+
 def _seed_generator_states(model: keras.Model) -> list:
     return [v for v in model.variables if v.path.endswith("seed_generator_state")]
 
@@ -257,12 +294,13 @@ class Progress(keras.callbacks.Callback):
 
     def __init__(self, checkpoint: Checkpoint, state: dict, steps_per_epoch: int, global_batch: int,
                  num_videos: int, total_epochs: int, every_steps: int, stop: StopFlag, tensorboard_dir: Path,
-                 any_worker=bool):
+                 any_worker=bool, validator: Validator | None = None, patience: int = 0):
         super().__init__()
         self.checkpoint, self.state = checkpoint, state
         self.steps_per_epoch, self.global_batch, self.num_videos = steps_per_epoch, global_batch, num_videos
         self.total_epochs, self.every_steps, self.stop = total_epochs, every_steps, stop
         self.any_worker = any_worker  # several workers: whether any of them has the flag (a collective)
+        self.validator, self.patience = validator, patience
         self.writer = tf.summary.create_file_writer(str(tensorboard_dir))
         self.interrupted = False
 
@@ -312,9 +350,12 @@ class Progress(keras.callbacks.Callback):
         learning_rate = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
         row = {"epoch": epoch + 1, "loss": loss, "learning_rate": learning_rate, "seconds": seconds,
                "examples_per_second": self.num_videos / seconds if seconds else 0.0,
-               "step": self.state["step_at_epoch_start"] + self.steps_per_epoch}
+               "step": self.state["step_at_epoch_start"] + self.steps_per_epoch, "val_gap": None}
+        choice = self._choose_epoch(row)
         self.state = {"epoch": epoch + 1, "batch": 0, "step_at_epoch_start": row["step"], "step": row["step"],
-                      "loss_sum": 0.0, "seconds": 0.0, "history": self.state["history"] + [row]}
+                      "loss_sum": 0.0, "seconds": 0.0, "history": self.state["history"] + [row]} | choice
+        if choice["finished"]:
+            self.model.stop_training = True
         self.checkpoint.save(self.model, self.state)
         self.prior_loss_sum, self.prior_seconds, self.offset = 0.0, 0.0, 0
         with self.writer.as_default(step=epoch + 1):
@@ -322,8 +363,27 @@ class Progress(keras.callbacks.Callback):
             tf.summary.scalar("learning_rate", learning_rate)
             tf.summary.scalar("examples_per_second", row["examples_per_second"])
         self.writer.flush()
-        log.info("epoch %d/%d: loss %.4f, %.1f s, %.1f examples/sec", epoch + 1, self.total_epochs, loss, seconds,
-                 row["examples_per_second"])
+        log.info("epoch %d/%d: loss %.4f, %.1f s, %.1f examples/sec%s", epoch + 1, self.total_epochs, loss, seconds,
+                 row["examples_per_second"],
+                 "" if row["val_gap"] is None else f", validation GAP {row['val_gap']:.4f} (best: epoch "
+                                                   f"{self.state['best_epoch']})")
+        if self.state["finished"] and epoch + 1 < self.total_epochs:
+            log.info("early stop: no better validation GAP in %d epochs; keeping epoch %d", self.patience,
+                     self.state["best_epoch"])
+
+    def _choose_epoch(self, row: dict) -> dict:
+        """Scores the epoch on the validation videos (into row), keeps the best weights; the state's new choice."""
+        epoch = row["epoch"]
+        best_epoch, best_gap = self.state.get("best_epoch", 0), self.state.get("best_gap")
+        if self.validator is None:
+            return {"best_epoch": epoch, "best_gap": None, "finished": epoch >= self.total_epochs}
+        row["val_gap"] = self.validator.gap(self.model)
+        if best_gap is None or row["val_gap"] > best_gap:
+            self.checkpoint.save_best(self.model)
+            best_epoch, best_gap = epoch, row["val_gap"]
+        patience_out = self.patience > 0 and epoch - best_epoch >= self.patience
+        return {"best_epoch": best_epoch, "best_gap": best_gap,
+                "finished": epoch >= self.total_epochs or patience_out}
 
 
 class StepLogger(keras.callbacks.Callback):
@@ -361,7 +421,9 @@ def _rows_digest(rows: pd.DataFrame) -> str:
 
 
 def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, num_classes: int,
-                data_root: Path, index_path: Path, out_dir: Path, work_dir: Path) -> dict:
+                data_root: Path, index_path: Path, out_dir: Path, work_dir: Path, keep_checkpoint: bool = False) -> dict:
+    """Trains one model with train_cfg["seed"]; keep_checkpoint: leave the finished run's checkpoint (a
+    rerun then writes the outputs again without training), for a caller that trains several seeds."""
     train_cfg = TRAIN_DEFAULTS | train_cfg
     # before anything else starts TensorFlow's runtime in this process (MultiWorkerMirroredStrategy needs that)
     strategy = make_strategy(train_cfg["distribute"])
@@ -369,27 +431,29 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
     rows = data_lib.subset_rows(index, "train", model_cfg["level"])
     if rows.empty:
         raise ValueError(f"{index_path}: no {model_cfg['level']}-level videos in the train subset")
+    valid_rows = data_lib.subset_rows(index, "valid", model_cfg["level"])
     # never resume another configuration's or another dataset's run
     run_key = {k: v for k, v in train_cfg.items() if k != "log_every_steps"}
-    rows_digest = _rows_digest(rows)
+    rows_digest = _rows_digest(rows) + _rows_digest(valid_rows)
     work_dir = Path(work_dir) / config_digest(name, model_cfg, run_key, strategy.num_replicas_in_sync, rows_digest)
     if strategy.extended.should_checkpoint:  # the chief of several workers, or the only process
-        return _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
-                      Checkpoint(work_dir / "checkpoint"), work_dir / "tensorboard", out_dir)
+        return _train(name, model_cfg, train_cfg, strategy, (rows, valid_rows), rows_digest, version, num_classes,
+                      data_root, Checkpoint(work_dir / "checkpoint"), work_dir / "tensorboard", out_dir, keep_checkpoint)
     # Another worker of a multi-worker run: it does all the chief does (saving included, as
     # saving may take part in collectives), but writes to a temporary folder of its own, removed
     # at the end; it resumes from the chief's checkpoint folder (the same path on every worker).
     scratch = Path(tempfile.mkdtemp(prefix=f"yt8m-train-{name}-worker{strategy.cluster_resolver.task_id}-"))
     try:
-        return _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
-                      Checkpoint(work_dir / "checkpoint", save_folder=scratch / "checkpoint"),
-                      scratch / "tensorboard", scratch / "out")
+        return _train(name, model_cfg, train_cfg, strategy, (rows, valid_rows), rows_digest, version, num_classes,
+                      data_root, Checkpoint(work_dir / "checkpoint", save_folder=scratch / "checkpoint"),
+                      scratch / "tensorboard", scratch / "out", keep_checkpoint)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num_classes, data_root,
-           checkpoint: Checkpoint, tensorboard_dir: Path, out_dir: Path) -> dict:
+def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, num_classes, data_root,
+           checkpoint: Checkpoint, tensorboard_dir: Path, out_dir: Path, keep_checkpoint: bool) -> dict:
+    rows, valid_rows = subsets
     replicas = strategy.num_replicas_in_sync
     global_batch = model_cfg["batch_size"] * replicas
     steps = data_lib.steps_per_epoch(len(rows), global_batch)
@@ -410,18 +474,20 @@ def _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num
                      state["batch"], state["step"], checkpoint.folder)
         else:
             state = {"epoch": 0, "batch": 0, "step": 0, "step_at_epoch_start": 0, "loss_sum": 0.0, "seconds": 0.0,
-                     "history": []}
+                     "history": [], "best_epoch": 0, "best_gap": None, "finished": False}
+        validator = _validator(data_root, valid_rows, model_cfg, version, num_classes)
         parameters = trainable_parameter_count(model)
         log.info("%s: %d trainable parameters, %d training videos, %d epochs of %d steps, global batch %d "
                  "(%d x %d replicas), %s, precision %s", name, parameters, len(rows), epochs, steps, global_batch,
                  model_cfg["batch_size"], replicas, type(strategy).__name__, train_cfg["precision"])
         progress = Progress(checkpoint, state, steps, global_batch, len(rows), epochs,
                             train_cfg["checkpoint_every_steps"], stop, tensorboard_dir,
-                            any_worker=_any_worker(strategy) if _multi_worker(strategy) else bool)
+                            any_worker=_any_worker(strategy) if _multi_worker(strategy) else bool,
+                            validator=validator, patience=train_cfg["patience"])
         callbacks = [progress, StepLogger(train_cfg["log_every_steps"], global_batch)]
         start = time.perf_counter()
         with stop.installed():
-            while progress.state["epoch"] < epochs and not progress.interrupted:
+            while not progress.state.get("finished") and progress.state["epoch"] < epochs and not progress.interrupted:
                 epoch, batch = progress.state["epoch"], progress.state["batch"]
                 # a partially done epoch is finished by a call of its own, with fewer steps
                 end = epoch + 1 if batch else epochs
@@ -433,7 +499,7 @@ def _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num
                     _work_around_keras_multi_worker(model, strategy, stream.element_spec)
                 model.fit(stream, initial_epoch=epoch, epochs=end, steps_per_epoch=steps - batch,
                           callbacks=callbacks, shuffle=False, verbose=0)
-                if not progress.interrupted and progress.state["epoch"] != end:
+                if not progress.interrupted and not progress.state["finished"] and progress.state["epoch"] != end:
                     raise RuntimeError(f"{name}: the data stream ended early (at epoch {progress.state['epoch']}, "
                                        f"batch {progress.state['batch']}; expected {steps} batches per epoch)")
         wall = time.perf_counter() - start
@@ -441,11 +507,26 @@ def _train(name, model_cfg, train_cfg, strategy, rows, rows_digest, version, num
             raise TrainingInterrupted(f"{name}: training interrupted (signal {stop.signal or 'on another worker'}); "
                                       f"checkpoint in {checkpoint.folder}, rerun to resume")
         step = int(keras.ops.convert_to_numpy(model.optimizer.iterations))
-        if step != epochs * steps:
-            raise RuntimeError(f"{name}: {step} optimizer steps after training, expected {epochs} x {steps}")
+        epochs_run = progress.state["epoch"]
+        if step != epochs_run * steps:
+            raise RuntimeError(f"{name}: {step} optimizer steps after training, expected {epochs_run} x {steps}")
+        if validator is not None:
+            checkpoint.restore_best(model)
     inference_model = _inference_copy(name, model_cfg, num_classes, model)
+    choice = {"best_epoch": progress.state["best_epoch"], "best_val_gap": progress.state["best_gap"],
+              "validation_videos": validator.count if validator else 0, "max_epochs": epochs,
+              "patience": train_cfg["patience"], "seed": train_cfg["seed"]}
     return _write_outputs(name, inference_model, model_cfg, train_cfg, progress.state["history"], len(rows), wall,
-                          step, global_batch, replicas, strategy, out_dir, checkpoint.save_folder)
+                          step, global_batch, replicas, strategy, out_dir,
+                          None if keep_checkpoint else checkpoint.save_folder, choice)
+
+
+def _validator(data_root, valid_rows, model_cfg, version, num_classes) -> Validator | None:
+    if valid_rows.empty:
+        return None
+    dataset = data_lib.make_dataset(data_root, valid_rows, model_cfg["level"], version, num_classes,
+                                    model_cfg["batch_size"])
+    return Validator(dataset, num_classes, len(valid_rows))
 
 
 def _shard_by_data() -> tf.data.Options:
@@ -536,7 +617,7 @@ def _inference_copy(name, model_cfg, num_classes, model):
 
 
 def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall, step, global_batch, replicas,
-                   strategy, out_dir: Path, checkpoint_folder: Path) -> dict:
+                   strategy, out_dir: Path, checkpoint_folder: Path | None, choice: dict) -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_path = out_dir / "model.keras"
@@ -567,10 +648,11 @@ def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall,
         "wall_seconds": wall,
         "final_loss": history[-1]["loss"],
         "backend": keras.backend.backend(),
-    }
+    } | choice
     _write_history(out_dir / "history.csv", history)
     write_json(out_dir / "train_stats.json", stats)
-    shutil.rmtree(checkpoint_folder, ignore_errors=True)  # the run is complete; outputs are the record
+    if checkpoint_folder is not None:
+        shutil.rmtree(checkpoint_folder, ignore_errors=True)  # the run is complete; outputs are the record
     return stats
 
 
@@ -586,3 +668,33 @@ def _write_history(path: Path, history: list[dict]) -> None:
         writer = csv.DictWriter(f, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)
+
+
+# Fields that are the same for every seed of a model (its network and data), and fields averaged over seeds.
+SEED_INVARIANT = ("model", "kind", "level", "parameters", "total_parameters", "model_size_mb", "train_videos",
+                  "validation_videos", "batch_size_per_replica", "global_batch_size", "replicas", "strategy",
+                  "devices", "precision", "backend", "max_epochs", "patience")
+SEED_AVERAGED = ("examples_per_second", "examples_per_second_after_first_epoch", "final_loss", "best_epoch")
+SEED_SUMMED = ("train_seconds", "wall_seconds", "steps")
+
+
+def write_seed_summary(name: str, runs: list[tuple[int, dict]], out_dir: Path) -> dict:
+    """train_stats.json over the seeds (shared fields, means, sums, and each seed's stats) and history.csv
+    with every seed's epochs (a `seed` column first)."""
+    out_dir = Path(out_dir)
+    per_seed = [stats for _, stats in runs]
+    summary = {key: per_seed[0][key] for key in SEED_INVARIANT}
+    for key in SEED_AVERAGED:
+        values = [s[key] for s in per_seed if s.get(key) is not None]
+        summary[key] = float(np.mean(values)) if values else None
+    summary |= {key: float(sum(s[key] for s in per_seed)) for key in SEED_SUMMED}
+    summary |= {"seeds": [seed for seed, _ in runs], "epochs": [s["epochs"] for s in per_seed],
+                "best_epochs": [s["best_epoch"] for s in per_seed], "per_seed": per_seed}
+    history = []
+    for seed, _ in runs:
+        with open(out_dir / "seeds" / f"seed-{seed}" / "history.csv", newline="") as f:
+            history += [{"seed": seed} | row for row in csv.DictReader(f)]
+    _write_history(out_dir / "history.csv", history)
+    write_json(out_dir / "train_stats.json", summary)
+    log.info("%s: %d seeds, epochs kept %s", name, len(runs), summary["best_epochs"])
+    return summary

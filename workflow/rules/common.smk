@@ -62,6 +62,8 @@ def commit_dvc_lock():
     `dvc commit` may rewrite cached outputs from its cache (new mtimes), which would
     make Snakemake see them as updated; their times are put back afterwards.
     """
+    if not Path(".dvc").is_dir():  # a run in another folder (make sample): DVC tracks the repository's run only
+        return
     times = {p: (p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in output_files()}
     result = subprocess.run(["dvc", "commit", "--force", "--quiet"], capture_output=True, text=True)
     if result.returncode != 0:

@@ -3,16 +3,18 @@ rule report:
         params="results/params/report.json",
         stats="results/index/label_stats.json",
         manifest="results/data/manifest.json",
-        train=expand("results/models/{model}/{file}", model=MODELS, file=["model.keras", "train_stats.json", "history.csv"]),
+        train=expand("results/models/{model}/{file}", model=MODELS, file=["seeds", "train_stats.json", "history.csv"]),
         evaluation=expand(
             "results/eval/{model}/{file}",
             model=MODELS,
-            file=["metrics.json", "per_class_ap.csv", "pr_curve.csv", "eval_predictions.csv", "submission.csv"],
+            file=["predictions", "metrics.json", "per_class_ap.csv", "pr_curve.csv", "eval_predictions.csv",
+                  "submission.csv"],
         ),
         bench=expand("results/bench/{file}", file=["layer_grid.json", "pooling.json", "input_pipeline.json",
                                                    "speedup.png", "summary.json"]),
         script=f"{SCRIPTS}/report.py",
         code=f"{PY}/report.py",
+        stats_code=f"{PY}/stats.py",
         reference=f"{PY}/paper_numbers.yaml",
     output:
         # `snakemake --report report.html` shows these: the report, every figure, every table (HTML).
