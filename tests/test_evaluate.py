@@ -213,14 +213,17 @@ FEATURES = 6
 
 @pytest.fixture
 def tiny_model(tmp_path):
+    """Two seeds' models: the same network, different initial weights."""
     import keras
 
-    inputs = keras.Input(shape=(FEATURES,), name="features")
-    outputs = keras.layers.Dense(NUM_CLASSES, activation="sigmoid", name="logistic")(inputs)
-    model = keras.Model({"features": inputs}, outputs)
-    path = tmp_path / "model.keras"
-    model.save(path)
-    return path
+    paths = {}
+    for seed in (1, 2):
+        keras.utils.set_random_seed(seed)
+        inputs = keras.Input(shape=(FEATURES,), name="features")
+        outputs = keras.layers.Dense(NUM_CLASSES, activation="sigmoid", name="logistic")(inputs)
+        paths[seed] = tmp_path / f"seed-{seed}.keras"
+        keras.Model({"features": inputs}, outputs).save(paths[seed])
+    return paths
 
 
 def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
@@ -251,7 +254,7 @@ def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
     eval_cfg = {"top_k": TOP_K, "batch_size": 16, "pr_curve_points": 11}
     summary = ev.evaluate_model("tiny", {"kind": "logistic", "level": "video"}, eval_cfg, version=2,
                                 num_classes=NUM_CLASSES, data_root=data_root, index_path=tmp_path / "index.parquet",
-                                model_path=tiny_model, out_dir=out)
+                                model_paths=tiny_model, out_dir=out)
 
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics == summary
@@ -273,3 +276,26 @@ def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
     pr = pd.read_csv(out / "pr_curve.csv")
     assert list(pr.columns) == ["threshold", "precision", "recall"] and len(pr) == 11
     assert pr["recall"].between(0, 1).all() and pr["precision"].between(0, 1).all()
+
+
+def test_evaluate_model_scores_each_seed_and_their_ensemble(tmp_path, tiny_model, monkeypatch):
+    from yt8m_qrnn.stats import TopK, seed_interval, topk_metrics
+
+    test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch)
+    out = tmp_path / "eval"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["seeds"]) == ["1", "2"]
+    assert metrics["seeds"]["1"]["gap"] != metrics["seeds"]["2"]["gap"]  # different models
+    for key in ev.METRIC_KEYS:
+        mean, half = seed_interval([metrics["seeds"][s][key] for s in ("1", "2")])
+        assert metrics[key] == pytest.approx(mean) and metrics["seed_interval"][key] == pytest.approx(half)
+    kept = sorted(p.name for p in (out / "predictions").iterdir())
+    assert kept == ["ensemble.npz", "ensemble_full.npy", "seed-1.npz", "seed-2.npz"]
+    for name, expected in (("seed-1", metrics["seeds"]["1"]), ("seed-2", metrics["seeds"]["2"]),
+                           ("ensemble", metrics["ensemble"])):
+        topk = TopK.load(out / "predictions" / f"{name}.npz")
+        assert topk.num_videos == 45
+        for key in ("gap", "map", "hit_at_one", "perr"):
+            assert topk_metrics(topk)[key] == pytest.approx(expected[key], abs=1e-6), (name, key)
+    full = np.load(out / "predictions" / "ensemble_full.npy")
+    assert full.shape == (45, NUM_CLASSES) and full.dtype == np.float16

@@ -21,11 +21,13 @@ import yaml
 from conftest import REPO
 from yt8m_qrnn import report as report_lib
 from yt8m_qrnn.report import ReportError, build_report, dvc_hash
+from yt8m_qrnn.stats import TopK
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MODELS = {"logistic": ("logistic", "video"), "moe": ("moe", "video"), "lstm": ("lstm", "frame"),
                   "qrnn": ("qrnn", "frame")}
 REQUIRED_FIGURES = ("training_curves.png", "metrics_vs_paper.png", "per_class_ap.png", "throughput.png")
+FEW_RESAMPLES = 100  # the schema's least: enough to check the intervals are there, quick
 NAMES = ["Game", "Video game", "Vehicle", "Concert", "Car | Truck", "/m/0abc12"]
 
 
@@ -67,16 +69,21 @@ def _write_model(results, name, kind, level, rng, num_classes):
     model_dir, eval_dir = results / "models" / name, results / "eval" / name
     model_dir.mkdir(parents=True)
     eval_dir.mkdir(parents=True)
-    (model_dir / "model.keras").write_bytes(rng.bytes(2048))
+    for seed in (1, 2):
+        (model_dir / "seeds" / f"seed-{seed}").mkdir(parents=True)
+        (model_dir / "seeds" / f"seed-{seed}" / "model.keras").write_bytes(rng.bytes(2048))
+    _write_predictions(eval_dir / "predictions", level, rng, num_classes)
     _write_json(model_dir / "train_stats.json", {
         "model": name, "kind": kind, "level": level, "parameters": int(rng.integers(10_000, 5_000_000)),
-        "model_size_mb": float(rng.uniform(1, 300)), "train_videos": 1500, "epochs": 3, "steps": 90,
+        "model_size_mb": float(rng.uniform(1, 300)), "train_videos": 1500, "epochs": [3, 3], "steps": 90,
+        "seeds": [1, 2], "best_epochs": [2, 3], "max_epochs": 3, "validation_videos": 150,
         "examples_per_second": float(rng.uniform(50, 5000)), "wall_seconds": float(rng.uniform(5, 500)),
         "final_loss": 10.0}
         | ({"total_parameters": 123, "examples_per_second_after_first_epoch": 4321.0, "devices": ["GPU:0"],
             "precision": "mixed_float16", "replicas": 1} if kind == "qrnn" else {}))
-    pd.DataFrame({"epoch": [1, 2, 3], "loss": [300.0, 150.0, 90.0], "learning_rate": [0.01, 0.01, 0.0095],
-                  "seconds": [9.0, 2.0, 2.1]}).to_csv(model_dir / "history.csv", index=False)
+    pd.DataFrame({"seed": [1, 1, 1, 2, 2, 2], "epoch": [1, 2, 3] * 2, "loss": [300.0, 150.0, 90.0] * 2,
+                  "learning_rate": [0.01, 0.01, 0.0095] * 2, "seconds": [9.0, 2.0, 2.1] * 2,
+                  "val_gap": [0.3, 0.5, 0.45, 0.3, 0.4, 0.5]}).to_csv(model_dir / "history.csv", index=False)
 
     def metrics():
         return {k: float(rng.uniform(0.2, 0.9)) for k in ("gap", "map", "map_present", "hit_at_one", "perr")}
@@ -94,6 +101,24 @@ def _write_model(results, name, kind, level, rng, num_classes):
         eval_dir / "pr_curve.csv", index=False)
 
 
+def _write_predictions(folder, level, rng, num_classes, videos=60):
+    """evaluate's predictions/: each seed's and the ensemble's top-k, the ensemble in full; the same videos and
+    labels for every model of a level, a noisy copy of the labels as predictions."""
+    labels_rng = np.random.default_rng(1 if level == "video" else 2)
+    labels = [labels_rng.choice(num_classes, size=labels_rng.integers(1, 4), replace=False) for _ in range(videos)]
+    dense = np.zeros((videos, num_classes), np.float32)
+    for row, classes in enumerate(labels):
+        dense[row, classes] = 1.0
+    ids = np.array([f"{level}{i:03d}" for i in range(videos)])
+    folder.mkdir(parents=True)
+    seeds = [np.clip(dense * 0.4 + rng.uniform(0, 0.8, dense.shape), 0, 1).astype(np.float32) for _ in range(2)]
+    for seed, predictions in enumerate(seeds, start=1):
+        TopK.from_predictions(ids, predictions, labels, num_classes, 20).save(folder / f"seed-{seed}.npz")
+    ensemble = np.mean(seeds, axis=0)
+    TopK.from_predictions(ids, ensemble, labels, num_classes, 20).save(folder / "ensemble.npz")
+    np.save(folder / "ensemble_full.npy", ensemble.astype(np.float16))
+
+
 def _write_json(path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))
@@ -101,7 +126,8 @@ def _write_json(path, obj):
 
 def make_report(tmp_path, models=DEFAULT_MODELS, generated=True, report_cfg=None, **kwargs) -> str:
     results = write_fake_results(tmp_path, models, generated)
-    return build_report(list(models), report_cfg or {"per_class_min_positives": 1}, results, repo=tmp_path, **kwargs)
+    report_cfg = report_cfg or {"per_class_min_positives": 1, "bootstrap_resamples": FEW_RESAMPLES}
+    return build_report(list(models), report_cfg, results, repo=tmp_path, **kwargs)
 
 
 # ---------------------------------------------------------------- reading the markdown
@@ -163,8 +189,8 @@ def test_tables_have_a_row_per_model_and_no_empty_cell(generated_report):
     table1, table2, every = section(tables, "1. Table 1"), section(tables, "2. Table 2"), section(tables, "3. Every")
     assert table1[0][:4] == ["Level", "Model", "PERR", "Hit@1"]
     for model, (kind, level) in DEFAULT_MODELS.items():
-        assert sum(row[1] == f"{model} (this run)" and row[0] == level for row in table1) == 1
-        assert sum(row[0] == f"{model} (this run, {level} level)" for row in table2) == 1
+        assert sum(row[1] == f"{model} (this run, 2 seeds)" and row[0] == level for row in table1) == 1
+        assert sum(row[0] == f"{model} (this run, {level} level, 2 seeds)" for row in table2) == 1
         assert sum(row[0] == model and row[1] == kind and row[2] == level for row in every) == 1
     assert len(every) == 1 + len(DEFAULT_MODELS)
     for heading, rows in tables.items():
@@ -179,7 +205,7 @@ def test_table1_puts_the_paper_beside_each_model_of_that_kind(generated_report):
     for ref in reference["table1"]:
         mine = [name for name, (kind, _) in DEFAULT_MODELS.items() if kind == ref["kind"]]
         at = models.index(ref["model"])
-        assert models[at + 1:at + 1 + len(mine)] == [f"{m} (this run)" for m in mine]
+        assert models[at + 1:at + 1 + len(mine)] == [f"{m} (this run, 2 seeds)" for m in mine]
         row = rows[1 + at]
         assert row[2] == f"{ref['perr']:.3f}" and row[3] == f"{ref['hit_at_one']:.3f}"
 
@@ -192,7 +218,7 @@ def test_every_model_values_come_from_the_run(generated_report):
         cells = dict(zip(header, row))
         stats = json.loads((root / "results" / "models" / cells["Model"] / "train_stats.json").read_text())
         metrics = json.loads((root / "results" / "eval" / cells["Model"] / "metrics.json").read_text())
-        assert cells["MAP (2018: all classes)"] == f"{metrics['map']:.4f}"
+        assert cells["MAP (2018: all classes)"].startswith(f"{metrics['map']:.4f} ± ")
         assert cells["MAP (2019: classes present)"] == f"{metrics['map_present']:.4f}"
         if cells["Kind"] == "qrnn":  # train_stats.json with the optional fields
             assert cells["Parameters"] == f"{stats['parameters']:,} (total 123)"
@@ -322,14 +348,14 @@ def test_any_set_of_models(tmp_path, models):
         rows = section(tables, prefix)
         assert_no_empty_cells(rows, prefix)
         for model in models:
-            assert any(row[0].startswith(model + " (this run") or row[1] == f"{model} (this run)" or row[0] == model
+            assert any(row[0].startswith(model + " (this run") or row[1] == f"{model} (this run, 2 seeds)" or row[0] == model
                        for row in rows), (prefix, model)
     figures = tmp_path / "results" / "figures"
     assert {p.name for p in figures.glob("*.png")} >= set(REQUIRED_FIGURES)
     if "qrnn_frame" in models:  # two QRNNs follow the paper's QRNN row
         table1 = [row[1] for row in section(tables, "1. Table 1")]
         at = table1.index("QRNN")
-        assert table1[at + 1:at + 3] == ["qrnn (this run)", "qrnn_frame (this run)"]
+        assert table1[at + 1:at + 3] == ["qrnn (this run, 2 seeds)", "qrnn_frame (this run, 2 seeds)"]
 
 
 def test_a_missing_input_is_named(tmp_path):

@@ -493,3 +493,77 @@ def test_multi_worker_strategy_can_be_made_after_the_stage_imports():
     result = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0 and "REPLICAS 1 True" in result.stdout, result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- choosing the epoch
+
+
+@pytest.fixture(scope="module")
+def tiny_with_validation(tiny, tmp_path_factory) -> dict:
+    """The tiny index with 30% of its training videos in the 'valid' subset (by hash of id)."""
+    table = assign_subsets(tiny["index"].drop(columns="subset"), ["validate"], 0.5, "x", "hash", 0.3)
+    path = tmp_path_factory.mktemp("valid") / "index.parquet"
+    table.to_parquet(path)
+    assert (table["subset"] == "valid").sum() > 0
+    return tiny | {"index_path": path, "index": table}
+
+
+def validation_gap(model_path: Path, tiny) -> float:
+    from yt8m_qrnn.metrics import EvaluationMetrics
+
+    model = keras.saving.load_model(model_path, compile=False)
+    rows = data_lib.subset_rows(tiny["index"], "valid", "video")
+    metrics = EvaluationMetrics(C, 20)
+    for inputs, labels in data_lib.make_dataset(tiny["data_root"], rows, "video", 2, C, 16):
+        metrics.accumulate(keras.ops.convert_to_numpy(model(inputs, training=False)), labels.numpy())
+    return metrics.gap()
+
+
+def test_the_best_validation_epoch_is_kept_and_recorded(tiny_with_validation, tmp_path):
+    # a learning rate high enough that the validation GAP does not rise every epoch
+    cfg = LOGISTIC | {"epochs": 6, "learning_rate": 0.5}
+    stats = run_training(tiny_with_validation, tmp_path, cfg, TRAIN | {"patience": 0})
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert list(history["epoch"]) == list(range(1, 7)) and history["val_gap"].notna().all()
+    best = int(history["epoch"][history["val_gap"].idxmax()])
+    assert stats["best_epoch"] == best and stats["best_val_gap"] == pytest.approx(history["val_gap"].max())
+    assert stats["validation_videos"] == len(data_lib.subset_rows(tiny_with_validation["index"], "valid", "video"))
+    # the written model is the best epoch's, not the last one's
+    assert validation_gap(tmp_path / "out" / "model.keras", tiny_with_validation) == pytest.approx(
+        history["val_gap"].max(), abs=1e-6)
+    # no validation video was trained on
+    train_ids = set(data_lib.subset_rows(tiny_with_validation["index"], "train", "video")["id"])
+    assert not train_ids & set(data_lib.subset_rows(tiny_with_validation["index"], "valid", "video")["id"])
+
+
+def test_training_stops_after_patience_epochs_without_a_better_gap(tiny_with_validation, tmp_path):
+    cfg = LOGISTIC | {"epochs": 30, "learning_rate": 0.5}
+    stats = run_training(tiny_with_validation, tmp_path, cfg, TRAIN | {"patience": 2})
+    history = pd.read_csv(tmp_path / "out" / "history.csv")
+    assert len(history) < 30 and stats["epochs"] == len(history)
+    assert len(history) - stats["best_epoch"] == 2  # stopped exactly `patience` epochs after the best
+    assert history["val_gap"].iloc[:stats["best_epoch"] - 1].max() < stats["best_val_gap"]
+    assert history["val_gap"].iloc[stats["best_epoch"]:].max() <= stats["best_val_gap"]
+    assert stats["steps"] == len(history) * steps_per_epoch(tiny_with_validation)
+
+
+def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validation, tmp_path, monkeypatch):
+    from yt8m_qrnn import stages
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    params = {"data": {"version": 2}, "models": {"m": LOGISTIC | {"epochs": 3}},
+              "train": {k: v for k, v in TRAIN.items() if k != "seed"} | {"seeds": [4, 9], "patience": 1}}
+    stages.train(params, "m")
+    summary = json.loads(Path("results/models/m/train_stats.json").read_text())
+    assert summary["seeds"] == [4, 9] and [s["seed"] for s in summary["per_seed"]] == [4, 9]
+    assert summary["best_epochs"] == [s["best_epoch"] for s in summary["per_seed"]]
+    history = pd.read_csv("results/models/m/history.csv")
+    assert list(history["seed"].unique()) == [4, 9]
+    assert len(history) == sum(s["epochs"] for s in summary["per_seed"])
+    for seed in (4, 9):
+        assert (Path(f"results/models/m/seeds/seed-{seed}") / "model.keras").is_file()
+    assert weights(Path("results/models/m/seeds/seed-4/model.keras"))[0].tolist() != weights(
+        Path("results/models/m/seeds/seed-9/model.keras"))[0].tolist()
+    assert not stages.TRAIN_WORK.joinpath("m").exists()  # checkpoints go once every seed is done
