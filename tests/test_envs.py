@@ -4,7 +4,7 @@ import re
 from conftest import REPO
 from yt8m_qrnn.lockfile import lock_pins, render_conda_env
 
-REQUIRED = ["snakemake", "dvc", "dvc-gs", "tensorflow-cpu", "keras", "pandas", "matplotlib", "gcsfs", "pytest"]
+REQUIRED = ["snakemake", "dvc", "dvc-gs", "tensorflow-cpu", "keras", "pandas", "matplotlib", "gcsfs", "pytest", "scipy"]
 
 
 def normalise(name: str) -> str:
