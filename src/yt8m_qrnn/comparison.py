@@ -35,8 +35,12 @@ class Interval:
     high: float
 
     def text(self, digits: int = 3) -> str:
-        seeds = "" if self.seed_half_width is None else f" ± {self.seed_half_width:.{digits}f}"
-        return f"{self.mean:.{digits}f}{seeds} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
+        return f"{self.mean:.{digits}f} {self.spread(digits)}"
+
+    def spread(self, digits: int = 3) -> str:
+        """'± half [low, high]', or '[low, high]' without a seed interval."""
+        seeds = "" if self.seed_half_width is None else f"± {self.seed_half_width:.{digits}f} "
+        return f"{seeds}[{self.low:.{digits}f}, {self.high:.{digits}f}]"
 
 
 @dataclass

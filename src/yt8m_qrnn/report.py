@@ -75,9 +75,10 @@ class ModelRun:
 
     def metric(self, key: str, digits: int = 3) -> str:
         """The metric with its intervals (mean ± seeds [videos]), or the plain value when none were computed."""
+        value = fmt(self.metrics[key], digits)  # the mean over seeds, as evaluate wrote it
         if self.intervals and key in self.intervals:
-            return self.intervals[key].text(digits)
-        return fmt(self.metrics[key], digits)
+            return f"{value} {self.intervals[key].spread(digits)}"
+        return value
 
     @property
     def kind(self) -> str:
@@ -320,7 +321,7 @@ def _as_list(value) -> list:
 
 
 def _epochs_kept(stats: dict) -> str:
-    """'12, 15, 11 of 120 (validation GAP)', or the epochs run when no validation subset chose them."""
+    """'12, 9, 11 of 120 (validation GAP)', or the epochs run when no validation subset chose them."""
     kept = _as_list(stats.get("best_epochs", stats["epochs"]))
     cap = stats.get("max_epochs", max(_as_list(stats["epochs"])))
     how = "validation GAP" if stats.get("validation_videos") else "no validation subset: the last"
@@ -1040,6 +1041,18 @@ def _details(summary: str, body: str) -> list[str]:
     return ["<details>", f"<summary>{summary}</summary>", "", body, "", "</details>", ""]
 
 
+def video_qrnn_notes(runs: list[ModelRun]) -> list[str]:
+    """What a video-level QRNN is, exactly, for each one in the run."""
+    lines = []
+    for run in runs:
+        if run.kind == "qrnn" and run.level == "video":
+            lines += [f"**{run.name} is a video-level QRNN**: the 1152-d video vector is a sequence of one step, so "
+                      "each layer computes h = o * (1 - f) * z from that step alone (window 1, fo-pooling from an "
+                      "empty state, no zoneout: there is no earlier step or state), then the MoE head. It is a "
+                      "gated feed-forward network; every parameter counted here trains.", ""]
+    return lines
+
+
 def ensemble_rows(runs: list[ModelRun], resamples: int) -> list[tuple[str, int, dict]]:
     """(name, number of models, intervals) of each model's seed ensemble and of each level's all-model ensemble."""
     rows = [(f"{run.name}, ensemble of its {len(run.scores.seeds)} seeds", len(run.scores.seeds),
@@ -1167,6 +1180,7 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "",
         markdown_table(tables["models"][1]),
         "",
+        *video_qrnn_notes(runs),
         "MAP (2018) averages AP over every class, a class without positives scoring 0 (the 2018 evaluation code); "
         "MAP (2019) averages over the classes with positives in the eval subset. Size: the saved `model.keras`. "
         "Throughput: training videos x epochs / summed epoch time.",
