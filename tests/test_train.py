@@ -567,3 +567,27 @@ def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validati
     assert weights(Path("results/models/m/seeds/seed-4/model.keras"))[0].tolist() != weights(
         Path("results/models/m/seeds/seed-9/model.keras"))[0].tolist()
     assert not stages.TRAIN_WORK.joinpath("m").exists()  # checkpoints go once every seed is done
+
+
+def test_a_rerun_of_the_train_stage_does_not_train_a_finished_seed_again(tiny_with_validation, tmp_path, monkeypatch,
+                                                                          caplog):
+    """Killed after its first seed: the declared outputs are gone, the finished seed's checkpoint is not."""
+    from yt8m_qrnn import stages
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    model_cfg = LOGISTIC | {"epochs": 2}
+    train_cfg = {k: v for k, v in TRAIN.items() if k != "seed"} | {"patience": 1}
+    first = train_model("m", model_cfg, train_cfg | {"seed": 4}, version=2, num_classes=C,
+                        data_root=stages.DATA_ROOT, index_path=stages.INDEX, out_dir=tmp_path / "gone",
+                        work_dir=stages.TRAIN_WORK / "m", keep_checkpoint=True)
+    caplog.set_level(logging.INFO, logger="yt8m_qrnn")
+    stages.train({"data": {"version": 2}, "models": {"m": model_cfg}, "train": train_cfg | {"seeds": [4, 9]}}, "m")
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("finished before (2 epochs" in m for m in messages) == 1  # seed 4: nothing left to train
+    assert not any("resuming at epoch" in m for m in messages)
+    summary = json.loads(Path("results/models/m/train_stats.json").read_text())
+    assert summary["per_seed"][0]["best_epoch"] == first["best_epoch"]
+    assert summary["per_seed"][0]["steps"] == first["steps"]
+    assert_same_weights(tmp_path / "gone" / "model.keras", Path("results/models/m/seeds/seed-4/model.keras"), 0)

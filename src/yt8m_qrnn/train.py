@@ -470,8 +470,12 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
                                  checkpoint.folder)
         if state is not None:
             checkpoint.restore(model, state)
-            log.info("%s: resuming at epoch %d, batch %d (step %d) from %s", name, state["epoch"] + 1,
-                     state["batch"], state["step"], checkpoint.folder)
+            if state.get("finished"):
+                log.info("%s: finished before (%d epochs, epoch %d kept); its outputs come from %s", name,
+                         state["epoch"], state["best_epoch"], checkpoint.folder)
+            else:
+                log.info("%s: resuming at epoch %d, batch %d (step %d) from %s", name, state["epoch"] + 1,
+                         state["batch"], state["step"], checkpoint.folder)
         else:
             state = {"epoch": 0, "batch": 0, "step": 0, "step_at_epoch_start": 0, "loss_sum": 0.0, "seconds": 0.0,
                      "history": [], "best_epoch": 0, "best_gap": None, "finished": False}

@@ -15,6 +15,7 @@ rule report:
         script=f"{SCRIPTS}/report.py",
         code=f"{PY}/report.py",
         stats_code=f"{PY}/stats.py",
+        comparison=f"{PY}/comparison.py",
         reference=f"{PY}/paper_numbers.yaml",
     output:
         # `snakemake --report report.html` shows these: the report, every figure, every table (HTML).
