@@ -57,7 +57,7 @@ MODELS = {
     "frame_logistic": {"kind": "frame_logistic", "level": "frame"},
     "lstm": {"kind": "lstm", "level": "frame", "cells": 8, "layers": 2},
     "dbof": {"kind": "dbof", "level": "frame", "cluster_size": 16, "hidden_size": 8, "iterations": 5},
-    "qrnn_video": {"kind": "qrnn", "level": "video", "hidden": 8, "layers": 2, "zoneout": 0.1},
+    "qrnn_video": {"kind": "qrnn", "level": "video", "hidden": 8, "layers": 2, "window": 1},
     "qrnn_frame": {"kind": "qrnn", "level": "frame", "hidden": 8, "layers": 2, "window": 3, "zoneout": 0.1,
                    "pooling": "ifo", "dense": True, "bidirectional": True},
 }

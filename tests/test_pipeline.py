@@ -33,6 +33,7 @@ def tiny_params() -> dict:
                 model[size_key] = 8
     params["bench"] = TINY_BENCH
     params["train"]["seeds"] = [1, 2]  # two: the seed intervals and ensembles run, at two thirds of the cost
+    params["report"]["bootstrap_resamples"] = 100  # the schema's least: the intervals are computed, quickly
     return params
 
 
