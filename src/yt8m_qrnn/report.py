@@ -1182,6 +1182,8 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "",
         *video_qrnn_notes(runs),
         "MAP (2018) averages AP over every class, a class without positives scoring 0 (the 2018 evaluation code); "
+        "it has an interval over seeds only (a resample of the videos drops rare classes, which then score 0, so "
+        "its bootstrap interval would sit below the estimate); "
         "MAP (2019) averages over the classes with positives in the eval subset. Size: the saved `model.keras`. "
         "Throughput: training videos x epochs / summed epoch time.",
         "",
