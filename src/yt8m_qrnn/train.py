@@ -205,10 +205,7 @@ class Checkpoint:
         folder = self.save_folder
         folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{state['step']:010d}-{time.time_ns()}.weights.h5"
-        tmp = folder / f".tmp-{os.getpid()}.weights.h5"
-        model.save_weights(tmp, overwrite=True)
-        _fsync(tmp)
-        os.replace(tmp, folder / name)
+        _save_weights(model, folder / name)
         # Keras weight files leave out the random generators' states (zoneout, DBoF frame sampling)
         rng = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_generator_states(model)]
         with atomic_path(folder / STATE_FILE) as tmp_state:
@@ -218,14 +215,10 @@ class Checkpoint:
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-
     def save_best(self, model: keras.Model) -> None:
         """The chosen epoch's weights so far, replacing the previous best atomically."""
         self.save_folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.save_folder / f".tmp-best-{os.getpid()}.weights.h5"
-        model.save_weights(tmp, overwrite=True)
-        _fsync(tmp)
-        os.replace(tmp, self.save_folder / BEST_WEIGHTS)
+        _save_weights(model, self.save_folder / BEST_WEIGHTS)
 
     def restore_best(self, model: keras.Model) -> None:
         path = self.save_folder / BEST_WEIGHTS
@@ -245,6 +238,14 @@ class Validator:
         for inputs, labels in self.dataset:
             metrics.accumulate(keras.ops.convert_to_numpy(model(inputs, training=False)), labels.numpy())
         return float(metrics.gap())
+
+
+def _save_weights(model: keras.Model, final: Path) -> None:
+    """Keras weights (and optimizer state) written beside `final`, synced, then renamed into place."""
+    tmp = final.with_name(f".tmp-{os.getpid()}.weights.h5")
+    model.save_weights(tmp, overwrite=True)
+    _fsync(tmp)
+    os.replace(tmp, final)
 
 
 def _seed_generator_states(model: keras.Model) -> list:
