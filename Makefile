@@ -24,17 +24,20 @@ run: $(STAMP)
 
 # make sample: the real sample (config/params.sample.yaml) in runs/sample/, beside the default run.
 # SAMPLE_MIRROR=/path: a file:// mirror instead of the public bucket; SHARED_YT8M: the shared real
-# shards, laid out as a mirror of symlinks (runs/sample/mirror) when SAMPLE_MIRROR is not given.
+# shards, laid out as a mirror of symlinks (runs/sample/mirror) when SAMPLE_MIRROR is not given;
+# SAMPLE_VOCABULARY: the class names (default: the shared vocabulary.csv when present).
 SAMPLE := runs/sample
 SHARED_YT8M ?= $(CURDIR)/../shared/yt8m
 SAMPLE_MIRROR ?= $(if $(wildcard $(SHARED_YT8M)/2018/video/validate0099.tfrecord),$(CURDIR)/$(SAMPLE)/mirror,)
+SAMPLE_VOCABULARY ?= $(wildcard $(SHARED_YT8M)/2018/vocabulary.csv)
 
 sample: $(STAMP)
 	mkdir -p $(SAMPLE)
 	ln -sfn ../../workflow $(SAMPLE)/workflow && ln -sfn ../../src $(SAMPLE)/src
 	$(if $(filter $(CURDIR)/$(SAMPLE)/mirror,$(SAMPLE_MIRROR)),mkdir -p $(SAMPLE)/mirror/2/video/validate && \
 		ln -sf $(SHARED_YT8M)/2018/video/validate00*.tfrecord $(SAMPLE)/mirror/2/video/validate/,)
-	sed $(if $(SAMPLE_MIRROR),'s|^  source: gs://us.data.yt8m.org|  source: file://$(SAMPLE_MIRROR)|',) \
+	sed $(if $(SAMPLE_MIRROR),-e 's|^  source: gs://us.data.yt8m.org|  source: file://$(SAMPLE_MIRROR)|',) \
+		$(if $(SAMPLE_VOCABULARY),-e 's|^evaluate:$$|&\n  vocabulary: $(SAMPLE_VOCABULARY)|',) -e '' \
 		config/params.sample.yaml > $(SAMPLE)/params.yaml.tmp && mv $(SAMPLE)/params.yaml.tmp $(SAMPLE)/params.yaml
 	snakemake --snakefile $(CURDIR)/Snakefile --directory $(SAMPLE) --cores $(CORES)
 	@echo "Report: $(SAMPLE)/results/report.md"

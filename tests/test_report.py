@@ -500,3 +500,16 @@ def test_pipeline_report_html_metrics_and_plots(tmp_path):
     assert "results/eval/qrnn/metrics.json" in diff
     assert re.search(r"results/models/qrnn/train_stats\.json\s+parameters\s", diff)
     assert "results/eval/logistic/metrics.json" not in diff and "results/models/logistic" not in diff
+
+
+@pytest.mark.parametrize("best_epochs, flagged", [([12, 30, 9], True), ([12, 29, 9], False)])
+def test_epoch_column_flags_a_seed_kept_at_the_cap(best_epochs, flagged):
+    stats = {"epochs": [17, 30, 14], "best_epochs": best_epochs, "max_epochs": 30, "validation_videos": 250}
+    text = report_lib._epochs_kept(stats)
+    assert text.startswith(f"{best_epochs[0]}, {best_epochs[1]}, {best_epochs[2]} of 30 (validation GAP)")
+    assert ("the cap: the budget may bind" in text) == flagged
+
+
+def test_epoch_column_without_validation_names_the_last_epoch_and_no_cap():
+    text = report_lib._epochs_kept({"epochs": 6, "max_epochs": 6})
+    assert text == "6 of 6 (no validation subset: the last)"

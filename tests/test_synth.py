@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from yt8m_qrnn.quantization import dequantize, quantize
-from yt8m_qrnn.synth import ALPHABET, generate_mirror
+from yt8m_qrnn.synth import ALPHABET, EventWorld, generate_mirror, label_shape
 
 SMALL = {"seed": 3, "num_events": 5, "min_frames": 6, "max_frames": 12, "noise": 0.3,
          "splits": {"train": [2, 30], "validate": [1, 20], "test": [1, 10]}}
@@ -89,18 +89,62 @@ def test_dequantize_matches_youtube8m_formula():
     np.testing.assert_array_equal(quantize(dequantize(q)), q)
 
 
-def test_last_event_label_needs_frame_order(mirror):
-    """Videos with the same events (so the same expected frame mean) differ in their 'ends with' label."""
+def test_ending_label_needs_frame_order(mirror):
+    """Videos showing the same events (so the same expected frame mean) differ in their "ends with" label."""
     root, summary = mirror
+    event_of = np.asarray(summary["class_events"])
     ends_with = set(summary["ends_with_classes"])
-    last_by_event_set: dict[tuple, set] = {}
+    num_events = SMALL["num_events"]
+    endings_by_event_set: dict[tuple, set] = {}
     for shard in ("train0000", "train0001"):
         for _, labels, _, _ in read_frames(root / "2" / "frame" / "train" / f"{shard}.tfrecord"):
-            last = [c for c in labels if c in ends_with]
-            present = tuple(c for c in labels if c in summary["contains_classes"])
-            assert len(last) == 1 and 2 <= len(present) <= 3
-            last_by_event_set.setdefault(present, set()).add(last[0])
-    assert any(len(lasts) > 1 for lasts in last_by_event_set.values())
+            ending = [event_of[c] for c in labels if c in ends_with]
+            assert len(ending) <= 1
+            shown = tuple(sorted({int(event_of[c]) for c in labels if event_of[c] < num_events}))
+            endings_by_event_set.setdefault(shown, set()).add(ending[0] if ending else None)
+    assert any(len(endings) > 1 for shown, endings in endings_by_event_set.items() if shown)
+
+
+def test_last_frames_show_the_ending_event():
+    rng = np.random.default_rng(0)
+    world = EventWorld(6, 3862, noise=0.05, rng=rng)
+    seen = 0
+    for _ in range(300):
+        frames, labels = world.sample_frames(rng, 10, 20)
+        ending = [c for c in labels if world.ends_with[c]]
+        nearest = np.argmin(((dequantize(frames[-1]) - world.prototypes) ** 2).sum(1))
+        if ending:
+            assert nearest == world.event[ending[0]]
+            seen += 1
+        else:
+            assert nearest >= world.num_events or np.abs(dequantize(frames[-1])).mean() < 0.2, labels
+    assert seen > 10
+
+
+def test_labels_are_shaped_like_youtube8m():
+    """Label counts follow the real histogram; classes follow TrainVideoCount (the commonest is class 0, Game)."""
+    counts, histogram = label_shape()
+    rng = np.random.default_rng(1)
+    world = EventWorld(12, 3862, noise=0.6, rng=rng)
+    samples = [world.draw_labels(rng, num_frames=300) for _ in range(4000)]
+    per_video = np.bincount([len(s) for s in samples], minlength=len(histogram))[:len(histogram)]
+    assert np.abs(per_video / per_video.sum() - histogram / histogram.sum()).max() < 0.03
+    frequency = np.bincount(np.concatenate(samples), minlength=3862)
+    assert frequency.argmax() == counts.argmax() == 0
+    top = np.argsort(-counts)[:20]
+    assert np.corrcoef(frequency[top], counts[top])[0, 1] > 0.95
+    assert 2.8 < np.mean([len(s) for s in samples]) < 3.2
+
+
+def test_short_videos_cap_their_label_count():
+    rng = np.random.default_rng(2)
+    world = EventWorld(12, 3862, noise=0.6, rng=rng)
+    assert max(len(world.draw_labels(rng, num_frames=3)) for _ in range(500)) == 2
+
+
+def test_a_vocabulary_of_another_size_is_refused():
+    with pytest.raises(ValueError, match="label shape file has 3862 classes"):
+        EventWorld(4, 4716, noise=0.6, rng=np.random.default_rng(0))
 
 
 def test_generation_is_deterministic(tmp_path):

@@ -1,15 +1,19 @@
 """A small generated dataset in the exact YouTube-8M 2018 formats, with planted signal.
 
-Each video is a sequence of 2 or 3 *events*; every event type has a fixed
-prototype in the 1152-d (1024 rgb + 128 audio) feature space and each frame is
-its event's prototype plus Gaussian noise, quantized to uint8 as the real data.
+Labels are shaped like YouTube-8M 2018's (yt8m_label_shape.json): the number of labels of a
+video follows the real videos' histogram (capped so that each label gets a frame), and the
+classes are drawn with probability proportional to the vocabulary's TrainVideoCount, so a few
+classes are common and most are rare.
 
-Labels (class ids spread over the 3862-class vocabulary):
-- one "contains event e" class per event present: visible in the frame mean;
-- one "ends with event e" class for the last event: the frame mean cannot tell
-  which event came last, so only models that see frame order can learn it.
-Event types are drawn with Zipf-like frequencies, so a class-prior baseline is
-non-trivial but beatable.
+Signal: a video is a sequence of *events*, each a run of frames showing the event's fixed
+prototype in the 1152-d (1024 rgb + 128 audio) feature space plus Gaussian noise, quantized to
+uint8 as the real data. The 2 x num_events most frequent classes come in twins sharing one
+event: "contains e" (e shows somewhere before the end) and "ends with e" (e is the last event).
+The frame mean cannot tell the twins apart; only models that see the order of the frames can.
+Every other class shows one of num_events other events, each shared by hundreds of classes:
+the rare classes are as hard to learn as in the real data. When no "ends with" class is among
+a video's labels, its last run is blank (noise only) or one of those other events, so no
+"contains" event passes for an ending.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +33,8 @@ RGB_DIM, AUDIO_DIM = 1024, 128
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 PROTOTYPE_SCALE = 0.5
-EVENTS_PER_VIDEO = (2, 3)
+BLANK = -1
+LABEL_SHAPE = Path(__file__).with_name("yt8m_label_shape.json")
 
 
 def shard_code(index: int) -> str:
@@ -42,28 +48,60 @@ class Video:
     frames: np.ndarray  # uint8 [num_frames, 1152]
 
 
+@cache
+def label_shape() -> tuple[np.ndarray, np.ndarray]:
+    """(TrainVideoCount by class, number of videos with 1, 2, ... labels) of YouTube-8M 2018."""
+    shape = json.loads(LABEL_SHAPE.read_text())
+    per_video = shape["labels_per_video"]
+    histogram = np.zeros(max(int(k) for k in per_video) + 1)
+    for k, videos in per_video.items():
+        histogram[int(k)] = videos
+    return np.asarray(shape["train_video_count"], dtype=float), histogram
+
+
 class EventWorld:
     """The hidden structure the models must discover."""
 
     def __init__(self, num_events: int, num_classes: int, noise: float, rng: np.random.Generator):
+        counts, self.labels_histogram = label_shape()
+        if len(counts) != num_classes:
+            raise ValueError(f"generate: the label shape file has {len(counts)} classes, the data version {num_classes}")
         self.noise = noise
-        self.prototypes = rng.normal(0.0, PROTOTYPE_SCALE, size=(num_events, FEATURE_DIM))
-        classes = rng.choice(num_classes, size=2 * num_events, replace=False)
-        self.contains_class = np.sort(classes[:num_events])
-        self.ends_with_class = np.sort(classes[num_events:])
-        weights = 1.0 / np.arange(1, num_events + 1) ** 0.8
-        self.event_probability = weights / weights.sum()
+        self.num_events = num_events
+        self.prototypes = rng.normal(0.0, PROTOTYPE_SCALE, size=(2 * num_events, FEATURE_DIM))
+        self.class_probability = counts / counts.sum()
+        by_frequency = np.argsort(-counts, kind="stable")
+        twins, rest = by_frequency[:2 * num_events], by_frequency[2 * num_events:]
+        self.event = np.empty(num_classes, dtype=int)
+        self.event[twins] = rng.permutation(num_events)[np.arange(len(twins)) // 2]
+        self.event[rest] = num_events + rng.integers(0, num_events, size=len(rest))
+        self.ends_with = np.zeros(num_classes, dtype=bool)
+        self.ends_with[twins[1::2]] = True
+
+    def draw_labels(self, rng: np.random.Generator, num_frames: int) -> np.ndarray:
+        """A label count from the real histogram (at most num_frames - 1), then the classes; one ending at most."""
+        counts = np.arange(len(self.labels_histogram))
+        weights = np.where((counts >= 1) & (counts < num_frames), self.labels_histogram, 0.0)
+        size = int(rng.choice(len(weights), p=weights / weights.sum()))
+        while True:
+            labels = rng.choice(len(self.event), size=size, replace=False, p=self.class_probability)
+            if self.ends_with[labels].sum() <= 1:
+                return labels
 
     def sample_frames(self, rng: np.random.Generator, min_frames: int, max_frames: int):
-        num_events = int(rng.choice(EVENTS_PER_VIDEO))
-        events = rng.choice(len(self.prototypes), size=num_events, replace=False, p=self.event_probability)
         num_frames = int(rng.integers(min_frames, max_frames + 1))
-        cuts = np.sort(rng.choice(np.arange(1, num_frames), size=num_events - 1, replace=False))
-        segment_of_frame = np.searchsorted(cuts, np.arange(num_frames), side="right")
-        values = self.prototypes[events[segment_of_frame]]
-        values = values + rng.normal(0.0, self.noise, size=values.shape)
-        labels = sorted({int(self.contains_class[e]) for e in events} | {int(self.ends_with_class[events[-1]])})
-        return quantize(values), labels
+        labels = self.draw_labels(rng, num_frames)
+        ending = [int(self.event[c]) for c in labels if self.ends_with[c]]
+        events = [int(e) for e in rng.permutation(sorted({int(self.event[c]) for c in labels} - set(ending)))]
+        events += ending
+        if not ending and events[-1] < self.num_events:
+            events.append(BLANK)
+        cuts = np.sort(rng.choice(np.arange(1, num_frames), size=len(events) - 1, replace=False))
+        event_of_frame = np.asarray(events)[np.searchsorted(cuts, np.arange(num_frames), side="right")]
+        values = rng.normal(0.0, self.noise, size=(num_frames, FEATURE_DIM))
+        shown = event_of_frame != BLANK
+        values[shown] += self.prototypes[event_of_frame[shown]]
+        return quantize(values), sorted(int(c) for c in labels)
 
 
 def frame_example(video: Video) -> bytes:
@@ -152,11 +190,8 @@ def generate_mirror(gen: dict, version: int, num_classes: int, root: Path) -> di
     plan_dir.mkdir(parents=True, exist_ok=True)
     for plan_name, files in plans.items():
         (plan_dir / f"{plan_name}.json").write_text(json.dumps({"files": files}, indent=1, sort_keys=True))
-    summary = {
-        "videos": counts,
-        "contains_classes": world.contains_class.tolist(),
-        "ends_with_classes": world.ends_with_class.tolist(),
-    }
+    summary = {"videos": counts, "class_events": world.event.tolist(),
+               "ends_with_classes": np.flatnonzero(world.ends_with).tolist()}
     (tmp / "GENERATED.json").write_text(json.dumps(summary, indent=1))
     if root.exists():
         shutil.rmtree(root)

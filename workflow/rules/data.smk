@@ -3,6 +3,7 @@ rule generate:
         params="results/params/generate.json",
         script=f"{SCRIPTS}/generate.py",
         code=f"{PY}/synth.py",
+        label_shape=f"{PY}/yt8m_label_shape.json",
     output:
         mirror=directory("resources/generated"),
     log:
