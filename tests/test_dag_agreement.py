@@ -165,3 +165,17 @@ def test_every_rule_has_log_conda_benchmark():
 def test_snakemake_lint():
     result = subprocess.run(["snakemake", "--lint"], cwd=REPO, env=tool_env(), capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_with_real_data_the_generator_is_no_input_of_the_fetch(tmp_path):
+    """An edit to the generator must not make a real-data run's fetch, and all after it, stale."""
+    from test_pipeline import copy_repo, tiny_params
+
+    copy_repo(tmp_path)
+    params = tiny_params()
+    params["data"]["source"] = f"file://{tmp_path / 'mirror'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    jobs = snakemake_jobs(cwd=tmp_path)
+    assert "generate" not in jobs
+    assert "fetch" in jobs and not any("resources/generated" in job["inputs"] for job in jobs.values())
+    assert "resources/generated" in snakemake_jobs()["fetch"]["inputs"]  # the default: generated data

@@ -32,10 +32,16 @@ rule generate:
 # from other data params is removed when Snakemake starts (stages.forget_stale_plan), and
 # the checkpoint makes it again. Missing records (a workspace filled by `dvc pull`) are made
 # only when the fetch job has to run.
+# The generated mirror feeds the fetch only when it is the data source: with real data, an edit
+# to the generator reruns nothing downstream. (dvc.yaml keeps the dependency; DVC compares
+# content, so a regenerated mirror reruns its fetch stage, which then changes nothing.)
+GENERATED_MIRROR = ["resources/generated"] if config["data"]["source"] == "generated" else []
+
+
 checkpoint fetch_plan:
     input:
         params=ancient("results/params/fetch.json"),
-        mirror=ancient("resources/generated"),
+        mirror=[ancient(path) for path in GENERATED_MIRROR],
         code=f"{PY}/fetch.py",
     output:
         plan=str(SHARD_PLAN),
@@ -54,7 +60,7 @@ checkpoint fetch_plan:
 rule fetch_shard:
     input:
         plan=ancient(str(SHARD_PLAN)),  # a new plan (one more shard) reruns no fetched shard
-        mirror=ancient("resources/generated"),
+        mirror=[ancient(path) for path in GENERATED_MIRROR],
         code=f"{PY}/fetch.py",
     output:
         record=f"{SHARD_RECORDS}/{{shard}}.json",  # stages.shard_record
@@ -73,7 +79,7 @@ rule fetch_shard:
 rule fetch:
     input:
         params="results/params/fetch.json",
-        mirror="resources/generated",
+        mirror=GENERATED_MIRROR,
         records=shard_records,
         script=f"{SCRIPTS}/fetch.py",
         code=f"{PY}/fetch.py",
