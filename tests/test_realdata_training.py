@@ -1,7 +1,7 @@
 """The video-level baselines and the video-level QRNN on real YouTube-8M 2018 data.
 
-Train on ../shared/yt8m/2018/video/validate0000-0079 (23,091 videos), evaluate on
-validate0080-0099 (5,701 videos): logistic, MoE and QRNN must each beat the class-prior
+Train on ../shared/yt8m/2018/video/validate0000-0039 (11,790 videos; the first 80 shards
+doubled this test's time for no change in what it checks), evaluate on validate0080-0099 (5,701 videos): logistic, MoE and QRNN must each beat the class-prior
 baseline by a wide margin, and MoE must beat logistic on GAP, as in the YouTube-8M
 paper. Skipped when the shards are absent. The figures are written to
 $YT8M_REALDATA_FIGURES (a JSON file) when that is set.
@@ -30,7 +30,7 @@ from yt8m_qrnn.train import train_model
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 
 C = 3862
-TRAIN_SHARDS = [f"validate{i:04d}.tfrecord" for i in range(80)]
+TRAIN_SHARDS = [f"validate{i:04d}.tfrecord" for i in range(40)]
 EVAL_SHARDS = [f"validate{i:04d}.tfrecord" for i in range(80, 100)]
 TRAIN = {"seed": 1, "learning_rate_decay": 0.95, "learning_rate_decay_examples": 4_000_000,
          "clip_gradient_norm": 1.0, "log_every_steps": 50}
@@ -49,9 +49,9 @@ def real_index(shared_yt8m, tmp_path_factory):
     folder = shared_yt8m / "2018" / "video"
     missing = [name for name in TRAIN_SHARDS + EVAL_SHARDS if not (folder / name).exists()]
     if missing:
-        pytest.skip(f"{folder}: {len(missing)} of the 100 validate shards are missing (first: {missing[0]})")
+        pytest.skip(f"{folder}: {len(missing)} of the validate shards used are missing (first: {missing[0]})")
     table, bad = index_shards([(folder / name, name, "video", "validate") for name in TRAIN_SHARDS + EVAL_SHARDS], 2)
-    assert not bad and len(table) == 28_792
+    assert not bad and len(table) == 17_491
     table["subset"] = np.where(table["shard"].isin(TRAIN_SHARDS), "train", "eval")
     path = tmp_path_factory.mktemp("real") / "index.parquet"
     table.to_parquet(path)
@@ -71,7 +71,7 @@ def test_baselines_and_qrnn_beat_the_class_prior_and_moe_beats_logistic(real_ind
     table, folder = real_index["index"], real_index["folder"]
     train_rows = data_lib.subset_rows(table, "train", "video")
     eval_rows = data_lib.subset_rows(table, "eval", "video")
-    assert (len(train_rows), len(eval_rows)) == (23_091, 5_701)
+    assert (len(train_rows), len(eval_rows)) == (11_790, 5_701)
     counts = np.zeros(C)
     for labels in train_rows["labels"]:
         counts[np.asarray(labels, int)] += 1

@@ -513,3 +513,15 @@ def test_epoch_column_flags_a_seed_kept_at_the_cap(best_epochs, flagged):
 def test_epoch_column_without_validation_names_the_last_epoch_and_no_cap():
     text = report_lib._epochs_kept({"epochs": 6, "max_epochs": 6})
     assert text == "6 of 6 (no validation subset: the last)"
+
+
+def test_provenance_states_the_determinism_settings():
+    settings = {"seeding": "keras.utils.set_random_seed", "tf_op_determinism": True,
+                "intra_op_threads": "default (every core)", "onednn": "default"}
+    runs = [report_lib.ModelRun(name, {"determinism": settings}, {}, pd.DataFrame()) for name in ("lstm", "qrnn")]
+    [line] = report_lib.determinism_lines(runs)
+    assert line.startswith("- determinism (lstm, qrnn): seeds set by `keras.utils.set_random_seed`")
+    assert "TensorFlow op determinism on" in line
+    old = [report_lib.ModelRun("moe", {}, {}, pd.DataFrame())]
+    assert report_lib.determinism_lines(old) == ["- determinism: not recorded by these training runs"]
+    assert len(report_lib.determinism_lines(runs + old)) == 2

@@ -320,6 +320,26 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def determinism_lines(runs: list[ModelRun]) -> list[str]:
+    """How the training runs were made repeatable, as their train_stats.json recorded it."""
+    recorded = {json.dumps(r.stats.get("determinism"), sort_keys=True) for r in runs}
+    if recorded == {"null"}:
+        return ["- determinism: not recorded by these training runs"]
+    lines = []
+    for text in sorted(recorded):
+        settings = json.loads(text)
+        users = ", ".join(r.name for r in runs if json.dumps(r.stats.get("determinism"), sort_keys=True) == text)
+        if settings is None:
+            lines.append(f"- determinism ({users}): not recorded")
+            continue
+        lines.append(
+            f"- determinism ({users}): seeds set by `{settings['seeding']}` (each of `train.seeds`), TensorFlow op "
+            f"determinism {'on' if settings['tf_op_determinism'] else 'off'}, intra-op threads "
+            f"{settings['intra_op_threads']}, oneDNN {settings['onednn']}: two clean runs on one machine give "
+            "the same weights and predictions to the last bit (`tests/test_determinism.py`)")
+    return lines
+
+
 def _epochs_kept(stats: dict) -> str:
     """'12, 9, 11 of 120 (validation GAP)', or the epochs run when no validation subset chose them."""
     kept = _as_list(stats.get("best_epochs", stats["epochs"]))
@@ -1241,6 +1261,7 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "### Software and hardware",
         "",
         f"- packages: {package_versions()}",
+        *determinism_lines(runs),
         *hardware(),
         "- (the machine that built this report; Snakemake and `dvc repro` run every stage on it)",
         "",

@@ -462,7 +462,7 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
     stop = StopFlag()
 
     with dtype_policy(train_cfg["precision"]), strategy.scope():
-        keras.utils.set_random_seed(train_cfg["seed"])
+        determinism = make_deterministic(train_cfg["seed"])
         model = build_model(name, model_cfg, num_classes)
         model.compile(optimizer=make_optimizer(model_cfg, train_cfg, global_batch), loss=starter_cross_entropy)
         state = checkpoint.load()
@@ -520,10 +520,21 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
     inference_model = _inference_copy(name, model_cfg, num_classes, model)
     choice = {"best_epoch": progress.state["best_epoch"], "best_val_gap": progress.state["best_gap"],
               "validation_videos": validator.count if validator else 0, "max_epochs": epochs,
-              "patience": train_cfg["patience"], "seed": train_cfg["seed"]}
+              "patience": train_cfg["patience"], "seed": train_cfg["seed"], "determinism": determinism}
     return _write_outputs(name, inference_model, model_cfg, train_cfg, progress.state["history"], len(rows), wall,
                           step, global_batch, replicas, strategy, out_dir,
                           None if keep_checkpoint else checkpoint.save_folder, choice)
+
+
+def make_deterministic(seed: int) -> dict:
+    """Seed every generator (Python, numpy, TensorFlow, Keras) and turn on TensorFlow's op
+    determinism, so that two clean runs on one machine agree to the last bit; the settings, for
+    the record. (Reductions split over threads are reproducible on the same thread count.)"""
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
+    return {"seeding": "keras.utils.set_random_seed", "tf_op_determinism": True,
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (every core)",
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default")}
 
 
 def _validator(data_root, valid_rows, model_cfg, version, num_classes) -> Validator | None:
@@ -678,7 +689,7 @@ def _write_history(path: Path, history: list[dict]) -> None:
 # Fields that are the same for every seed of a model (its network and data), and fields averaged over seeds.
 SEED_INVARIANT = ("model", "kind", "level", "parameters", "total_parameters", "model_size_mb", "train_videos",
                   "validation_videos", "batch_size_per_replica", "global_batch_size", "replicas", "strategy",
-                  "devices", "precision", "backend", "max_epochs", "patience")
+                  "devices", "precision", "backend", "max_epochs", "patience", "determinism")
 SEED_AVERAGED = ("examples_per_second", "examples_per_second_after_first_epoch", "final_loss", "best_epoch")
 SEED_SUMMED = ("train_seconds", "wall_seconds", "steps")
 
