@@ -76,6 +76,10 @@ def dvc_ran(out: str) -> list[str]:
     return sorted(re.findall(r"Running stage '([^']+)'", out))
 
 
+def hidden(cwd) -> int:
+    return yaml.safe_load((cwd / "params.yaml").read_text())["models"]["qrnn"]["hidden"]
+
+
 def set_hidden(cwd, size: int):
     params = yaml.safe_load((cwd / "params.yaml").read_text())
     params["models"]["qrnn"]["hidden"] = size
@@ -93,7 +97,23 @@ def workspace(tmp_path_factory):
     return root
 
 
+def clean(workspace):
+    """Every output, download and record of both orchestrators removed (the committed dvc.lock kept)."""
+    for folder in ("results", "resources", ".snakemake", "logs"):
+        shutil.rmtree(workspace / folder, ignore_errors=True)
+
+
+@pytest.fixture
+def built(workspace):
+    """The workspace with every output built and both orchestrators up to date: built here when
+    no test before built it (a test run alone, or in another order)."""
+    if not (workspace / "results" / "report.md").exists() or snakemake_pending(workspace):
+        run(["snakemake", "--cores", "2"], workspace)
+    return workspace
+
+
 def test_snakemake_builds_everything_then_dvc_has_nothing_to_do(workspace):
+    clean(workspace)
     out = run(["snakemake", "--cores", "2"], workspace)
     models = tiny_params()["run_models"]
     ran = snakemake_ran(out)
@@ -113,16 +133,18 @@ def test_snakemake_builds_everything_then_dvc_has_nothing_to_do(workspace):
     assert snakemake_pending(workspace) == {}
 
 
-def test_dvc_reruns_only_the_edited_model_then_snakemake_agrees(workspace):
-    set_hidden(workspace, 6)
+def test_dvc_reruns_only_the_edited_model_then_snakemake_agrees(built):
+    workspace = built
+    set_hidden(workspace, hidden(workspace) + 1)
     out = run(["dvc", "repro"], workspace)
     assert dvc_ran(out) == ["evaluate@qrnn", "report", "train@qrnn"]
     assert snakemake_pending(workspace) == {}
     assert "up to date" in run(["dvc", "status"], workspace)
 
 
-def test_snakemake_reruns_only_the_edited_model_then_dvc_agrees(workspace):
-    set_hidden(workspace, 7)
+def test_snakemake_reruns_only_the_edited_model_then_dvc_agrees(built):
+    workspace = built
+    set_hidden(workspace, hidden(workspace) + 1)
     assert snakemake_pending(workspace) == {"train": 1, "evaluate": 1, "report": 1}
     out = run(["snakemake", "--cores", "2"], workspace)
     assert snakemake_ran(out) == ["evaluate@qrnn", "report", "train@qrnn"]
@@ -132,8 +154,7 @@ def test_snakemake_reruns_only_the_edited_model_then_dvc_agrees(workspace):
 
 
 def test_dvc_builds_everything_then_snakemake_has_nothing_to_do(workspace):
-    for folder in ("results", "resources", ".snakemake", "logs"):
-        shutil.rmtree(workspace / folder, ignore_errors=True)
+    clean(workspace)
     out = run(["dvc", "repro", "--force"], workspace)
     models = tiny_params()["run_models"]
     assert dvc_ran(out) == sorted(["generate", "fetch", "index", "bench", "report"]
