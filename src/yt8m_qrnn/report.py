@@ -322,13 +322,14 @@ def _as_list(value) -> list:
 
 def determinism_lines(runs: list[ModelRun]) -> list[str]:
     """How the training runs were made repeatable, as their train_stats.json recorded it."""
-    recorded = {json.dumps(r.stats.get("determinism"), sort_keys=True) for r in runs}
-    if recorded == {"null"}:
+    models_by_settings: dict[str, list[str]] = {}
+    for run in runs:
+        models_by_settings.setdefault(json.dumps(run.stats.get("determinism"), sort_keys=True), []).append(run.name)
+    if list(models_by_settings) == ["null"]:
         return ["- determinism: not recorded by these training runs"]
     lines = []
-    for text in sorted(recorded):
-        settings = json.loads(text)
-        users = ", ".join(r.name for r in runs if json.dumps(r.stats.get("determinism"), sort_keys=True) == text)
+    for text, names in sorted(models_by_settings.items()):
+        settings, users = json.loads(text), ", ".join(names)
         if settings is None:
             lines.append(f"- determinism ({users}): not recorded")
             continue
