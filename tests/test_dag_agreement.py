@@ -19,8 +19,9 @@ JOB_HEADER = re.compile(r"\n(?=\[[^\]]+\]\n(?:local)?(?:rule|checkpoint) )")
 # code (src/yt8m_qrnn/fetch.py), and the fetch rule gathers. So their inputs must be inputs
 # of DVC's fetch stage; their outputs (the plan and the per-shard records in resources/store)
 # are bookkeeping that DVC's fetch writes too but does not declare, and their command is
-# the fan-out's own (workflow/scripts/fetch_shard.py), which DVC never runs.
+# the fan-out's own script, which DVC never runs (an input of theirs only).
 FOLDED_INTO = {"fetch_plan": "fetch", "fetch_shard": "fetch"}
+FANOUT_SCRIPT = "workflow/scripts/fetch_shard.py"
 TBD = "<TBD>"  # a dry run's placeholder for inputs known only after a checkpoint ran
 
 
@@ -50,13 +51,14 @@ def snakemake_jobs(args=("--forceall",), cwd=REPO) -> dict[str, dict]:
 
 
 def fold_helpers(jobs: dict[str, dict]) -> dict[str, dict]:
-    """The jobs as DVC stages: each helper job's inputs joined to its stage's, less the helpers' outputs."""
+    """The jobs as DVC stages: each helper job's inputs (its script aside) joined to its stage's,
+    less the helpers' outputs."""
     helpers = {name: job for name, job in jobs.items() if job["stage"] in FOLDED_INTO}
     folded = {name: dict(job) for name, job in jobs.items() if name not in helpers}
     made_by_helpers = set().union(*(job["outputs"] for job in helpers.values()))
     for job in helpers.values():
         target = folded[FOLDED_INTO[job["stage"]]]
-        target["inputs"] = target["inputs"] | job["inputs"]
+        target["inputs"] = target["inputs"] | (job["inputs"] - {FANOUT_SCRIPT})
     for job in folded.values():
         job["inputs"] = job["inputs"] - made_by_helpers
     return folded
@@ -110,7 +112,7 @@ def test_fetch_fans_out_into_snakemake_only_helpers(fanned_out):
     assert shards == sorted(f"fetch_shard@2/{level}/{split}/{split}{i:04d}.tfrecord" for level in ("video", "frame")
                             for split, count in (("train", 2), ("validate", 1), ("test", 1)) for i in range(count))
     for name in shards:
-        assert fanned_out[name]["cmd"] == f"python workflow/scripts/fetch_shard.py --shard {name.split('@')[1]}"
+        assert fanned_out[name]["cmd"] == f"python {FANOUT_SCRIPT} --shard {name.split('@')[1]}"
     assert fanned_out["fetch"]["inputs"] >= {f"resources/store/records/{n.split('@')[1]}.json" for n in shards}
     dvc = dvc_stages()
     assert not set(FOLDED_INTO) & {name.split("@")[0] for name in dvc}

@@ -88,3 +88,16 @@ def test_stage_cli_refuses_bad_params(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: ")
     assert "run_models: unknown model 'nope'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_model_not_run_needs_no_fetched_level():
+    """A video-level run of the paper's params: lstm, qrnn_frame and dbof (frame level) stay defined, unrun."""
+    params = load_params(REPO / "config" / "params.paper.yaml")
+    params["data"]["levels"] = ["video"]
+    params["run_models"] = [name for name in params["run_models"] if params["models"][name]["level"] == "video"]
+    assert {"lstm", "qrnn_frame", "dbof"} <= set(params["models"]) - set(params["run_models"])
+    validate_params(params)
+    params["run_models"].append("qrnn_frame")
+    with pytest.raises(ParamsError) as err:
+        validate_params(params)
+    assert str(err.value) == "params.yaml: models.qrnn_frame.level: 'frame' is not fetched (data.levels: ['video'])"

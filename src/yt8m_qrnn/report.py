@@ -42,8 +42,10 @@ GENERATED_TAG = "generated data: not comparable with the paper"
 # The report stage's inputs, as dvc.yaml declares them (tests/test_report.py checks):
 # under `results`, and in the repository.
 RESULT_INPUTS = ("index/label_stats.json", "data/manifest.json", "models", "eval", "bench")
-CODE_INPUTS = ("workflow/scripts/report.py", "src/yt8m_qrnn/report.py", "src/yt8m_qrnn/comparison.py",
-               "src/yt8m_qrnn/stats.py", "src/yt8m_qrnn/paper_numbers.yaml")
+CODE_INPUTS = ("workflow/scripts/report.py", "workflow/schemas/params.schema.yaml",
+               *(f"src/yt8m_qrnn/{name}" for name in ("__init__.py", "cli.py", "comparison.py", "config.py", "io.py",
+                                                      "machine.py", "metrics.py", "paper_numbers.yaml", "report.py",
+                                                      "stages.py", "stats.py")))
 PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "numpy", "pandas", "pyarrow", "matplotlib", "snakemake", "dvc",
             "gcsfs", "jsonschema", "pyyaml", "yt8m-qrnn")
 TRAIN_KEYS = ("kind", "level", "parameters", "model_size_mb", "examples_per_second", "wall_seconds", "train_videos",

@@ -9,10 +9,7 @@ rule bench:
         params="results/params/bench.json",
         shards="resources/yt8m",
         script=f"{SCRIPTS}/bench.py",
-        code=f"{PY}/bench.py",
-        qrnn=f"{PY}/qrnn.py",
-        data=f"{PY}/data.py",
-        reader=f"{PY}/reader.py",
+        code=code_deps("bench"),
     output:
         grid="results/bench/layer_grid.json",
         pooling="results/bench/pooling.json",

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(workflow.basedir) / "src"))
 
 from yt8m_qrnn.config import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
@@ -17,7 +19,16 @@ except ParamsError as err:
 MODELS = config["run_models"]
 CONDA_ENV = "../envs/pipeline.yaml"
 SCRIPTS = "workflow/scripts"
-PY = "src/yt8m_qrnn"
+
+# Each rule's code inputs: its DVC stage's code deps in dvc.yaml (every repository file the
+# stage's process reads; tests/test_code_deps.py traces them), less the script, a named input.
+with open(Path(workflow.basedir) / "dvc.yaml") as handle:
+    DVC_STAGES = yaml.safe_load(handle)["stages"]
+
+
+def code_deps(stage):
+    spec = DVC_STAGES[stage].get("do", DVC_STAGES[stage])  # train and evaluate: foreach ... do
+    return [dep for dep in spec["deps"] if dep.startswith(("src/", "workflow/schemas/"))]
 
 
 wildcard_constraints:

@@ -2,8 +2,7 @@ rule generate:
     input:
         params="results/params/generate.json",
         script=f"{SCRIPTS}/generate.py",
-        code=f"{PY}/synth.py",
-        label_shape=f"{PY}/yt8m_label_shape.json",
+        code=code_deps("generate"),
     output:
         mirror=directory("resources/generated"),
     log:
@@ -42,7 +41,8 @@ checkpoint fetch_plan:
     input:
         params=ancient("results/params/fetch.json"),
         mirror=[ancient(path) for path in GENERATED_MIRROR],
-        code=f"{PY}/fetch.py",
+        script=f"{SCRIPTS}/fetch_shard.py",
+        code=code_deps("fetch"),
     output:
         plan=str(SHARD_PLAN),
     params:
@@ -54,14 +54,15 @@ checkpoint fetch_plan:
     conda:
         CONDA_ENV
     shell:
-        f"python {SCRIPTS}/fetch_shard.py --plan > {{log}} 2>&1"
+        "python {input.script} --plan > {log} 2>&1"
 
 
 rule fetch_shard:
     input:
         plan=ancient(str(SHARD_PLAN)),  # a new plan (one more shard) reruns no fetched shard
         mirror=[ancient(path) for path in GENERATED_MIRROR],
-        code=f"{PY}/fetch.py",
+        script=f"{SCRIPTS}/fetch_shard.py",
+        code=code_deps("fetch"),
     output:
         record=f"{SHARD_RECORDS}/{{shard}}.json",  # stages.shard_record
     wildcard_constraints:
@@ -73,7 +74,7 @@ rule fetch_shard:
     conda:
         CONDA_ENV
     shell:
-        f"python {SCRIPTS}/fetch_shard.py --shard {{wildcards.shard}} > {{log}} 2>&1"
+        "python {input.script} --shard {wildcards.shard} > {log} 2>&1"
 
 
 rule fetch:
@@ -82,7 +83,7 @@ rule fetch:
         mirror=GENERATED_MIRROR,
         records=shard_records,
         script=f"{SCRIPTS}/fetch.py",
-        code=f"{PY}/fetch.py",
+        code=code_deps("fetch"),
     output:
         shards=directory("resources/yt8m"),
         manifest="results/data/manifest.json",
@@ -102,9 +103,7 @@ rule index:
         shards="resources/yt8m",
         manifest="results/data/manifest.json",
         script=f"{SCRIPTS}/index.py",
-        code=f"{PY}/index.py",
-        tfrecord=f"{PY}/tfrecord.py",
-        fastparse=f"{PY}/fastparse.py",
+        code=code_deps("index"),
     output:
         index="results/index/index.parquet",
         stats="results/index/label_stats.json",

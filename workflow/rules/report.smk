@@ -13,10 +13,7 @@ rule report:
         bench=expand("results/bench/{file}", file=["layer_grid.json", "pooling.json", "input_pipeline.json",
                                                    "speedup.png", "summary.json"]),
         script=f"{SCRIPTS}/report.py",
-        code=f"{PY}/report.py",
-        stats_code=f"{PY}/stats.py",
-        comparison=f"{PY}/comparison.py",
-        reference=f"{PY}/paper_numbers.yaml",
+        code=code_deps("report"),
     output:
         # `snakemake --report report.html` shows these: the report, every figure, every table (HTML).
         report=report("results/report.md", category="Report"),
