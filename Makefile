@@ -55,7 +55,7 @@ lock:
 	rm -rf /tmp/yt8m-qrnn-lock && $(PYTHON) -m venv /tmp/yt8m-qrnn-lock
 	/tmp/yt8m-qrnn-lock/bin/pip install --quiet -r requirements.in
 	/tmp/yt8m-qrnn-lock/bin/pip freeze > requirements.lock
-	$(PYTHON) src/yt8m_qrnn/lockfile.py requirements.lock workflow/envs/pipeline.yaml
+	$(PYTHON) tools/lockfile.py requirements.lock workflow/envs/pipeline.yaml
 
 clean:
 	rm -rf resources/generated resources/yt8m resources/work .snakemake logs

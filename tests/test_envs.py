@@ -1,8 +1,11 @@
 """One lock: exact pins, and the conda env of every rule pinned to the same versions."""
 import re
+import sys
 
 from conftest import REPO
-from yt8m_qrnn.lockfile import lock_pins, render_conda_env
+
+sys.path.insert(0, str(REPO / "tools"))
+from lockfile import lock_pins, render_conda_env  # noqa: E402  (a Makefile tool, not part of the package)
 
 REQUIRED = ["snakemake", "dvc", "dvc-gs", "tensorflow-cpu", "keras", "pandas", "matplotlib", "gcsfs", "pytest", "scipy"]
 
@@ -20,7 +23,7 @@ def test_lock_pins_exact_versions():
 
 def test_conda_env_matches_lock():
     env = (REPO / "workflow" / "envs" / "pipeline.yaml").read_text()
-    assert env == render_conda_env(REPO / "requirements.lock"), "run: make lock (or python src/yt8m_qrnn/lockfile.py ...)"
+    assert env == render_conda_env(REPO / "requirements.lock"), "run: make lock (or python tools/lockfile.py ...)"
 
 
 def test_every_rule_uses_the_locked_env():
