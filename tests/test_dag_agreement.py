@@ -181,3 +181,12 @@ def test_with_real_data_the_generator_is_no_input_of_the_fetch(tmp_path):
     assert "generate" not in jobs
     assert "fetch" in jobs and not any("resources/generated" in job["inputs"] for job in jobs.values())
     assert "resources/generated" in snakemake_jobs()["fetch"]["inputs"]  # the default: generated data
+
+
+def test_dvc_hashes_no_snakemake_time_stamp():
+    """Snakemake leaves .snakemake_timestamp in its directory outputs; DVC builds them without one.
+    Hashed, it would make a folder built by one orchestrator stale for the other."""
+    out = subprocess.run(["dvc", "check-ignore", "-d", "results/models/qrnn/seeds/.snakemake_timestamp",
+                          "resources/generated/.snakemake_timestamp"], cwd=REPO, env=tool_env(), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.count(".dvcignore:") == 2
