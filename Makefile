@@ -39,7 +39,7 @@ sample: $(STAMP)
 	sed $(if $(SAMPLE_MIRROR),-e 's|^  source: gs://us.data.yt8m.org|  source: file://$(SAMPLE_MIRROR)|',) \
 		$(if $(SAMPLE_VOCABULARY),-e 's|^evaluate:$$|&\n  vocabulary: $(SAMPLE_VOCABULARY)|',) -e '' \
 		config/params.sample.yaml > $(SAMPLE)/params.yaml.tmp && mv $(SAMPLE)/params.yaml.tmp $(SAMPLE)/params.yaml
-	snakemake --snakefile $(CURDIR)/Snakefile --directory $(SAMPLE) --cores $(CORES)
+	snakemake --snakefile $(CURDIR)/workflow/Snakefile --directory $(SAMPLE) --cores $(CORES)
 	@echo "Report: $(SAMPLE)/results/report.md"
 
 test: $(STAMP)

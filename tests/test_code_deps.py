@@ -89,7 +89,7 @@ from pathlib import Path
 from snakemake.api import SnakemakeApi
 from snakemake.settings.types import OutputSettings, ResourceSettings
 with SnakemakeApi(OutputSettings()) as api:
-    rules = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("Snakefile"))._workflow.rules
+    rules = api.workflow(resource_settings=ResourceSettings(), snakefile=Path("workflow/Snakefile"))._workflow.rules
     print(json.dumps({rule.name: [f for f in rule.input if isinstance(f, str)] for rule in rules}))
 """
 

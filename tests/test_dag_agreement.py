@@ -190,3 +190,10 @@ def test_dvc_hashes_no_snakemake_time_stamp():
                           "resources/generated/.snakemake_timestamp"], cwd=REPO, env=tool_env(), capture_output=True,
                          text=True, check=True).stdout
     assert out.count(".dvcignore:") == 2
+
+
+def test_snakemake_reads_the_default_profile_by_itself():
+    """`snakemake --cores N` alone runs with workflow/profiles/default (its GPU pool and
+    rerun-incomplete): Snakemake looks for it beside workflow/Snakefile."""
+    out = subprocess.run(["snakemake", "-n"], cwd=REPO, env=tool_env(), capture_output=True, text=True).stderr
+    assert "Using workflow specific profile workflow/profiles/default" in out

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(workflow.basedir) / "src"))
+REPO = Path(workflow.basedir).parent  # the Snakefile is workflow/Snakefile
+sys.path.insert(0, str(REPO / "src"))
 
 from yt8m_qrnn.config import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
 from yt8m_qrnn.stages import SHARD_PLAN, SHARD_RECORDS, data_params_digest, forget_stale_plan, shard_record  # noqa: E402
@@ -22,7 +23,7 @@ SCRIPTS = "workflow/scripts"
 
 # Each rule's code inputs: its DVC stage's code deps in dvc.yaml (every repository file the
 # stage's process reads; tests/test_code_deps.py traces them), less the script, a named input.
-with open(Path(workflow.basedir) / "dvc.yaml") as handle:
+with open(REPO / "dvc.yaml") as handle:
     DVC_STAGES = yaml.safe_load(handle)["stages"]
 
 
