@@ -574,6 +574,37 @@ def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validati
     assert not stages.TRAIN_WORK.joinpath("m").exists()  # checkpoints go once every seed is done
 
 
+def test_the_seeds_folder_appears_only_with_every_seed_in_it(tiny_with_validation, tmp_path, monkeypatch):
+    """A kill during the second seed leaves no seeds folder under its final name (Snakemake would
+    take a half-filled folder for an incomplete output); the finished seed waits in the work folder."""
+    from yt8m_qrnn import stages
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    real_train_model, calls = stages_train_model(), []
+
+    def killed_at_second_seed(*args, **kwargs):
+        calls.append(kwargs["out_dir"])
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real_train_model(*args, **kwargs)
+
+    monkeypatch.setattr("yt8m_qrnn.train.train_model", killed_at_second_seed)
+    params = {"data": {"version": 2}, "models": {"m": LOGISTIC | {"epochs": 1}},
+              "train": {k: v for k, v in TRAIN.items() if k != "seed"} | {"seeds": [4, 9], "patience": 1}}
+    with pytest.raises(KeyboardInterrupt):
+        stages.train(params, "m")
+    assert not Path("results/models/m/seeds").exists()
+    assert (calls[0] / "model.keras").is_file() and stages.TRAIN_WORK in calls[0].parents
+
+
+def stages_train_model():
+    from yt8m_qrnn.train import train_model
+
+    return train_model
+
+
 def test_a_rerun_of_the_train_stage_does_not_train_a_finished_seed_again(tiny_with_validation, tmp_path, monkeypatch,
                                                                           caplog):
     """Killed after its first seed: the declared outputs are gone, the finished seed's checkpoint is not."""

@@ -230,21 +230,26 @@ def train(params: dict, model: str) -> None:
 
     A finished seed keeps its checkpoint until every seed is done, so a rerun after a kill
     trains only the seeds not yet finished (the declared outputs are deleted before a rerun).
+    The seeds are written under the work folder and renamed into place once all are done:
+    the final name never holds some seeds of a run.
     """
     from .train import train_model, write_seed_summary
 
     p = stage_params(params, "train", model)
     version = p["data"]["version"]
     train_cfg = {k: v for k, v in p["train"].items() if k != "seeds"}
-    runs = []
+    runs, staged = [], TRAIN_WORK / model / "seeds"
     for number, seed in enumerate(p["train"]["seeds"], start=1):
         log.info("%s: seed %d (%d of %d)", model, seed, number, len(p["train"]["seeds"]))
         stats = train_model(model, p["models"][model], train_cfg | {"seed": seed}, version=version,
                             num_classes=NUM_CLASSES[version], data_root=DATA_ROOT, index_path=INDEX,
-                            out_dir=seed_dir(model, seed), work_dir=TRAIN_WORK / model, keep_checkpoint=True)
+                            out_dir=staged / f"seed-{seed}", work_dir=TRAIN_WORK / model, keep_checkpoint=True)
         log.info("trained %s seed %d: %d parameters, epoch %d of %d kept, %.1f examples/s", model, seed,
                  stats["parameters"], stats["best_epoch"], stats["epochs"], stats["examples_per_second"])
         runs.append((seed, stats))
+    shutil.rmtree(model_dir(model) / "seeds", ignore_errors=True)  # a stale one, when the orchestrator left it
+    model_dir(model).mkdir(parents=True, exist_ok=True)
+    os.replace(staged, model_dir(model) / "seeds")
     write_seed_summary(model, runs, model_dir(model))
     shutil.rmtree(TRAIN_WORK / model, ignore_errors=True)  # every seed is done; the outputs are the record
 
