@@ -11,19 +11,27 @@ A stage run
    locks (every output is written under a temporary name and renamed, so none is
    ever partial; after a failure none is left at all), prints one line
    ``error: ...`` and exits with status 1.
+
+A corrupt input (a file that is not what its producer recorded) is named with the
+stage that refused it; when DVC's cache holds a corrupt copy of it too, the line says
+so: DVC checks its cache out without checking it, so a rerun would get the same bytes.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import re
 import sys
+from pathlib import Path
+
+import yaml
 
 from . import stages as pipeline
 from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
-from .io import resource_locks
+from .io import CorruptArtifact, StageError, resource_locks, sha256_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,6 +47,7 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     name = stage.__name__
+    where = f"{name} {args.model}" if takes_model else name  # what a StageError concerns
     try:
         params = load_params(args.params)
         if takes_model and args.model not in params["models"]:
@@ -49,14 +58,17 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
             if "DVC_STAGE" in os.environ:
                 forget_snakemake_benchmark(name, model)
             stage(params, model) if takes_model else stage(params)
+    except StageError as err:
+        fail(f"{where}: {err}" + (_dvc_cache_note(err.path) if isinstance(err, CorruptArtifact) else ""))
+    except MemoryError as err:  # outside the training loop, which names the batch size to lower
+        fail(f"{where}: out of memory ({type(err).__name__}: {err})")
     except EXPECTED_ERRORS as err:
         fail(str(err))
     except Exception as err:
         record_error = _record_error(err)
         if record_error is None:
             raise
-        fail(record_error + "; the shards changed after they were indexed: run the fetch stage again "
-                            "(dvc repro, or snakemake --forcerun fetch)")
+        fail(record_error + _refetch_advice(record_error))
 
 
 @contextlib.contextmanager
@@ -91,6 +103,60 @@ def _remove_outputs(stage: str, model: str | None) -> None:
 
 _READER_ERROR = re.compile(r"\b(?:CorruptRecordError|BadRecordError|RecordError): (.+? record at byte offset \d+: .+)$",
                            re.M)
+
+
+def _refetch_advice(record_error: str) -> str:
+    """What to do about a shard whose record is corrupt: fetch it again. When the shard read is the store's
+    file itself (published as a hard link), that must go first: fetch trusts it by its size and time."""
+    shard = Path(record_error.split(": record at byte offset ")[0])
+    advice = "; the shards changed after they were indexed: "
+    if _same_file(shard, stored := pipeline.SHARD_STORE / _relative(shard, pipeline.DATA_ROOT)):
+        advice += f"delete {stored} and "
+    advice += "run the fetch stage again (dvc repro --force --single-item fetch, or snakemake --forcerun fetch)"
+    return advice + _dvc_cache_note(shard)
+
+
+def _relative(path: Path, folder: Path) -> Path:
+    return path.relative_to(folder) if folder in path.parents else path
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+DVC_CACHE = Path(".dvc/cache/files/md5")
+
+
+def _dvc_cache_note(path: Path) -> str:
+    copy = _corrupt_dvc_copy(Path(path))
+    return f"; DVC's cached copy {copy} is corrupt too: delete it first" if copy else ""
+
+
+def _corrupt_dvc_copy(path: Path) -> Path | None:
+    """DVC's cache object for `path` (by its md5 in dvc.lock) when its bytes do not hash to that md5."""
+    try:
+        md5 = _dvc_locked_md5(path)
+        copy = DVC_CACHE / md5[:2] / md5[2:] if md5 else None
+        return copy if copy and copy.is_file() and sha256_file(copy, "md5") != md5 else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, yaml.YAMLError):  # no DVC, or no record
+        return None
+
+
+def _dvc_locked_md5(path: Path) -> str | None:
+    """The md5 dvc.lock records for `path`: an output's, or a file's in an output folder (its .dir listing)."""
+    for stage in yaml.safe_load(Path("dvc.lock").read_text())["stages"].values():
+        for out in stage.get("outs", []):
+            folder = Path(out["path"])
+            if folder == path:
+                return out["md5"]
+            if folder in path.parents and out["md5"].endswith(".dir"):
+                listing = json.loads((DVC_CACHE / out["md5"][:2] / out["md5"][2:]).read_text())
+                relpath = path.relative_to(folder).as_posix()
+                return next((entry["md5"] for entry in listing if entry["relpath"] == relpath), None)
+    return None
 
 
 def _record_error(err: BaseException) -> str | None:

@@ -11,19 +11,24 @@ Outputs, in the model's results/eval/{model}/ folder:
 - eval_predictions.csv and submission.csv: Kaggle format ``VideoId,LabelConfidencePairs``,
   each video's top_k ``class score`` pairs, for the eval videos and the test videos.
 
+Before they are used, each seed's model.keras is checked against the sha256 the train
+stage recorded beside it (check_model), and the index against its own (index.read_index).
+
 Label names come from the dataset vocabulary (``vocabulary.csv``: Index, TrainVideoCount,
 KnowledgeGraphId, Name, ...) when one is found; see find_vocabulary.
 """
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from .io import atomic_folder, atomic_path, write_json
+from .index import read_index
+from .io import CorruptArtifact, atomic_folder, atomic_path, check_sha256, write_json
 from .metrics import EvaluationMetrics, class_prior_predictions, top_k_by_row
 
 log = logging.getLogger("yt8m_qrnn.evaluate")
@@ -201,6 +206,25 @@ FULL_PREDICTIONS_LIMIT = 1 << 28
 ENSEMBLE = "ensemble"
 
 
+RETRAIN = "rerun the train stage (dvc repro --force --single-item train@{model}, or snakemake --forcerun train)"
+
+
+def check_model(path: Path, name: str) -> None:
+    """CorruptArtifact unless model `name`'s file is the one the train stage wrote: the sha256 it recorded in
+    the train_stats.json beside it. A model without that file (not written by the train stage) is not checked."""
+    path = Path(path)
+    record = path.parent / "train_stats.json"
+    if not record.exists():
+        return
+    fix = RETRAIN.format(model=name)
+    try:
+        recorded = json.loads(record.read_text())["model_sha256"]
+    except (ValueError, KeyError, TypeError):
+        raise CorruptArtifact(record, f"it records no sha256 of {path.name} (damaged, or written by an older "
+                                      "version)", fix) from None
+    check_sha256(path, recorded, record, fix)
+
+
 def predict(models: dict, dataset):
     """Per batch: ids, {seed: predictions}, their mean (the seeds' ensemble), dense labels."""
     import keras
@@ -228,7 +252,7 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
     from . import qrnn  # noqa: F401
     from .stats import TopK, seed_interval
 
-    index = pd.read_parquet(index_path)
+    index = read_index(index_path)
     level = model_cfg["level"]
     top_k = eval_cfg["top_k"]
     vocabulary = None
@@ -236,6 +260,8 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
         vocabulary = find_vocabulary(eval_cfg, data_root, version)
         label_names = load_vocabulary(vocabulary, num_classes) if vocabulary else {}
         log.info("label names: %s", vocabulary or "none found (class indices)")
+    for path in model_paths.values():
+        check_model(path, name)
     loaded = {seed: keras.saving.load_model(path, compile=False) for seed, path in sorted(model_paths.items())}
     eval_rows = data_lib.subset_rows(index, "eval", level)
     if eval_rows.empty:

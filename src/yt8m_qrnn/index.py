@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.example import example_pb2, feature_pb2
 
 from .config import NUM_CLASSES
-from .io import atomic_path, write_json
+from .io import CorruptArtifact, atomic_path, write_json
 from .quantization import dequantize
 from . import fastparse
 from .tfrecord import (
@@ -631,13 +631,83 @@ def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
         stats["bad_records"] = {"count": len(bad), "records": bad}
         table = pa.Table.from_pandas(df, schema=PARQUET_SCHEMA, preserve_index=False)
         with atomic_path(out_parquet) as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(with_content_digest(table), tmp)
         write_json(stats_json, stats)
     except BaseException:
         out_parquet.unlink(missing_ok=True)
         stats_json.unlink(missing_ok=True)
         raise
     return df
+
+
+# ---------------------------------------------------------------- reading the index back, checked
+
+# The index file carries the sha256 of its content (column types and values, and the pandas
+# metadata), computed before writing and checked by read_index: a flipped byte anywhere in
+# what a reader uses is found, however it got there (the disk, a copy, DVC's cache).
+CONTENT_DIGEST_KEY = b"yt8m_qrnn.content_sha256"
+REINDEX = "rerun the index stage (dvc repro --force --single-item index, or snakemake --forcerun index)"
+
+
+def with_content_digest(table: pa.Table) -> pa.Table:
+    return table.replace_schema_metadata((table.schema.metadata or {}) | {CONTENT_DIGEST_KEY: content_digest(table)})
+
+
+def content_digest(table: pa.Table) -> bytes:
+    """sha256 (hex) of the columns' names, types and values and the pandas metadata, whatever the
+    table's chunking: the same for a table and for what reading its parquet file gives back."""
+    digest = hashlib.sha256(repr([(field.name, _type_name(field.type)) for field in table.schema]).encode())
+    digest.update((table.schema.metadata or {}).get(b"pandas", b""))
+    for column in table.columns:
+        _hash_values(digest, column.combine_chunks())
+    return digest.hexdigest().encode()
+
+
+def _type_name(kind: pa.DataType) -> str:
+    """The type without the name of a list's item field (which parquet readers may rename)."""
+    return f"list<{_type_name(kind.value_type)}>" if pa.types.is_list(kind) else str(kind)
+
+
+def _hash_values(digest, array: pa.Array) -> None:
+    digest.update(np.packbits(array.is_null().to_numpy(zero_copy_only=False)).tobytes())
+    if not len(array):
+        return
+    if pa.types.is_string(array.type) or pa.types.is_list(array.type):
+        bounds = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
+        start, end = (int(bounds[0]), int(bounds[-1])) if len(bounds) else (0, 0)
+        digest.update((bounds - start).tobytes())
+        if pa.types.is_string(array.type):
+            digest.update(memoryview(array.buffers()[2])[start:end] if end > start else b"")
+        else:
+            _hash_values(digest, array.values.slice(start, end - start))
+    else:
+        digest.update(array.fill_null(0).to_numpy(zero_copy_only=False).tobytes())
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    """The index written by run_index, after checking it is what the index stage wrote (CorruptArtifact if
+    not). An index without a recorded digest (written by other code, e.g. a test's) is read unchecked."""
+    path = Path(path)
+    try:
+        table = pq.read_table(path)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, pa.ArrowException) as err:  # a flipped byte in a page or in the footer
+        raise CorruptArtifact(path, f"parquet cannot read it ({' '.join(str(err).split())})", REINDEX) from None
+    recorded = (table.schema.metadata or {}).get(CONTENT_DIGEST_KEY)
+    if recorded is not None:
+        _check_content(path, table, recorded)
+    return table.to_pandas()
+
+
+def _check_content(path: Path, table: pa.Table, recorded: bytes) -> None:
+    try:
+        found = content_digest(table)
+    except (ValueError, TypeError, pa.ArrowException) as err:  # columns of unexpected types
+        raise CorruptArtifact(path, f"its content cannot be hashed ({err})", REINDEX) from None
+    if found != recorded:
+        raise CorruptArtifact(path, f"content sha256 {found.decode()}, but the file records "
+                                    f"{recorded.decode(errors='replace')}", REINDEX)
 
 
 # ---------------------------------------------------------------- video level from frame level

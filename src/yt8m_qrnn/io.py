@@ -28,17 +28,46 @@ class OutputWriteError(OSError):
         return f"cannot write {self.path}: {' '.join(reason.split())}"
 
 
+class StageError(RuntimeError):
+    """A failure whose cause and fix lie outside the code (a corrupt input, too little memory): the
+    command line prints it after the stage and model it concerns ("evaluate qrnn: ...")."""
+
+
+class CorruptArtifact(StageError):
+    """A file's bytes are not those its producer recorded; the message names it, what is wrong and the fix."""
+
+    def __init__(self, path: Path, problem: str, fix: str):
+        super().__init__(f"{path} is corrupt: {problem}; {fix}")
+        self.path = Path(path)
+
+
+def sha256_file(path: Path, algorithm: str = "sha256") -> str:
+    """The file's hex digest (sha256 unless another hashlib `algorithm` is named)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
+def check_sha256(path: Path, recorded: str, record: Path, fix: str) -> None:
+    """CorruptArtifact unless `path` hashes to `recorded`, the digest its producer wrote into `record`."""
+    found = sha256_file(path)
+    if found != recorded:
+        raise CorruptArtifact(path, f"sha256 {found}, but {record} records {recorded}", fix)
+
+
 @contextlib.contextmanager
-def atomic_path(final: Path):
+def atomic_path(final: Path, suffix: str | None = None):
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
 
     The final name only ever holds a complete file: on any error the temporary is
     removed and `final` is left as it was. An OSError while writing (disk full, quota,
     read-only or unwritable folder) is raised as OutputWriteError naming `final`.
+    The temporary name ends as `final` does: in `suffix` when given (a writer may insist
+    on ".weights.h5"), else in its last suffix.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.stem}.tmp{os.getpid()}{final.suffix}")
+    suffix = final.suffix if suffix is None else suffix
+    tmp = final.with_name(f".{final.name.removesuffix(suffix)}.tmp{os.getpid()}{suffix}")
     try:
         yield tmp
         os.replace(tmp, final)

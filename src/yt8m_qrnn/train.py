@@ -36,9 +36,10 @@ The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data), with:
 - Checkpoints: at every epoch end, every train.checkpoint_every_steps steps (0: never)
   and on SIGTERM / SIGINT (saved after the running step, then the process stops with
   TrainingInterrupted). A checkpoint is the weights and optimizer state (Keras
-  .weights.h5) plus a JSON naming it with the position (epoch, batch within it),
-  the partial epoch's loss sums and the history so far; the JSON is renamed into
-  place last, so a kill at any moment leaves the previous complete checkpoint.
+  .weights.h5) plus a JSON naming it, with its sha256, the position (epoch, batch
+  within it), the partial epoch's loss sums and the history so far; the JSON is
+  renamed into place last, so a kill or a full disk at any moment leaves the previous
+  complete checkpoint, and weights that no longer match their sha256 are never resumed.
   A rerun with the same configuration and data resumes at that position: the data
   stream of each epoch depends only on the seed and the epoch, so the resumed run
   sees the batches the uninterrupted one would have (same total steps, no epoch lost
@@ -53,7 +54,9 @@ The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data), with:
   (0: never early; models.<name>.epochs is the cap). Without one, the last epoch is kept.
 - Outputs: model.keras (float32, no optimizer state, the chosen epoch's weights), history.csv
   (with val_gap) and train_stats.json (trainable parameters, model size, examples/sec, wall
-  time, steps, devices, the chosen epoch, ...).
+  time, steps, devices, the chosen epoch, the model's sha256 that evaluate checks, ...).
+- Out of memory in a training step (MemoryError on the host, ResourceExhaustedError on a
+  device): OutOfMemory, naming the batch size to lower.
 """
 from __future__ import annotations
 
@@ -77,7 +80,8 @@ import pandas as pd
 import tensorflow as tf
 
 from . import data as data_lib
-from .io import atomic_path, config_digest, write_json
+from .index import read_index
+from .io import StageError, atomic_path, check_sha256, config_digest, sha256_file, write_json
 from .metrics import EvaluationMetrics
 from .models import build_model, starter_cross_entropy, trainable_parameter_count
 
@@ -94,6 +98,10 @@ VALIDATION_TOP_K = 20  # GAP@20, the official metric
 
 class TrainingInterrupted(RuntimeError):
     """Training stopped on a signal after saving a checkpoint; rerun to resume."""
+
+
+class OutOfMemory(StageError):
+    """A training step did not fit in memory (host or device) at the configured batch size."""
 
 
 # ----------------------------------------------------------------- optimizer
@@ -193,7 +201,7 @@ class Checkpoint:
     def restore(self, model: keras.Model, state: dict) -> None:
         if not model.optimizer.built:
             model.optimizer.build(model.trainable_variables)
-        model.load_weights(self.folder / state["weights"])
+        self._load_checked(model, state["weights"], state.get("weights_sha256"))
         generators = _seed_generator_states(model)
         if len(generators) != len(state.get("rng", [])):
             raise RuntimeError(f"{self.state_path}: {len(state.get('rng', []))} random generator states saved, "
@@ -205,25 +213,37 @@ class Checkpoint:
         folder = self.save_folder
         folder.mkdir(parents=True, exist_ok=True)
         name = f"state-{state['step']:010d}-{time.time_ns()}.weights.h5"
-        _save_weights(model, folder / name)
+        digest = _save_weights(model, folder / name)
         # Keras weight files leave out the random generators' states (zoneout, DBoF frame sampling)
         rng = [keras.ops.convert_to_numpy(v).tolist() for v in _seed_generator_states(model)]
-        with atomic_path(folder / STATE_FILE) as tmp_state:
-            tmp_state.write_text(json.dumps(state | {"weights": name, "rng": rng}, indent=1))
-            _fsync(tmp_state)
+        try:
+            with atomic_path(folder / STATE_FILE) as tmp_state:
+                tmp_state.write_text(json.dumps(state | {"weights": name, "weights_sha256": digest, "rng": rng},
+                                                indent=1))
+                _fsync(tmp_state)
+        except BaseException:
+            (folder / name).unlink(missing_ok=True)  # the previous state and its weights stay the checkpoint
+            raise
         for old in folder.glob("state-*.weights.h5"):
             if old.name != name:
                 old.unlink(missing_ok=True)
 
-    def save_best(self, model: keras.Model) -> None:
-        """The chosen epoch's weights so far, replacing the previous best atomically."""
+    def save_best(self, model: keras.Model) -> str:
+        """The chosen epoch's weights so far, replacing the previous best atomically; their sha256."""
         self.save_folder.mkdir(parents=True, exist_ok=True)
-        _save_weights(model, self.save_folder / BEST_WEIGHTS)
+        return _save_weights(model, self.save_folder / BEST_WEIGHTS)
 
-    def restore_best(self, model: keras.Model) -> None:
-        path = self.save_folder / BEST_WEIGHTS
-        if not path.exists():
-            raise RuntimeError(f"{path}: the best epoch's weights are missing; remove {self.folder} and rerun")
+    def restore_best(self, model: keras.Model, digest: str | None) -> None:
+        if not (self.save_folder / BEST_WEIGHTS).exists():
+            raise RuntimeError(f"{self.save_folder / BEST_WEIGHTS}: the best epoch's weights are missing; "
+                               f"remove {self.folder} and rerun")
+        self._load_checked(model, BEST_WEIGHTS, digest, self.save_folder)
+
+    def _load_checked(self, model: keras.Model, name: str, digest: str | None, folder: Path | None = None) -> None:
+        """Weights loaded after checking them against the sha256 the state recorded (older states have none)."""
+        path = (folder or self.folder) / name
+        if digest is not None:
+            check_sha256(path, digest, self.state_path, f"remove {self.folder} to train from the start")
         model.load_weights(path)
 
 
@@ -240,12 +260,16 @@ class Validator:
         return float(metrics.gap())
 
 
-def _save_weights(model: keras.Model, final: Path) -> None:
-    """Keras weights (and optimizer state) written beside `final`, synced, then renamed into place."""
-    tmp = final.with_name(f".tmp-{os.getpid()}.weights.h5")
-    model.save_weights(tmp, overwrite=True)
-    _fsync(tmp)
-    os.replace(tmp, final)
+def _save_weights(model: keras.Model, final: Path) -> str:
+    """Keras weights (and optimizer state) written beside `final`, synced, then renamed into place; their
+    sha256. A failed write (disk full: OutputWriteError naming `final`) leaves `final` as it was."""
+    with atomic_path(final, suffix=".weights.h5") as tmp:
+        try:
+            model.save_weights(tmp, overwrite=True)
+        except OSError as err:  # h5py's message is HDF5's whole account of the failed write
+            raise (OSError(err.errno, os.strerror(err.errno)) if err.errno else err) from err
+        _fsync(tmp)
+        return sha256_file(tmp)
 
 
 def _seed_generator_states(model: keras.Model) -> list:
@@ -376,14 +400,15 @@ class Progress(keras.callbacks.Callback):
         """Scores the epoch on the validation videos (into row), keeps the best weights; the state's new choice."""
         epoch = row["epoch"]
         best_epoch, best_gap = self.state.get("best_epoch", 0), self.state.get("best_gap")
+        best_sha256 = self.state.get("best_sha256")
         if self.validator is None:
             return {"best_epoch": epoch, "best_gap": None, "finished": epoch >= self.total_epochs}
         row["val_gap"] = self.validator.gap(self.model)
         if best_gap is None or row["val_gap"] > best_gap:
-            self.checkpoint.save_best(self.model)
+            best_sha256 = self.checkpoint.save_best(self.model)
             best_epoch, best_gap = epoch, row["val_gap"]
         patience_out = self.patience > 0 and epoch - best_epoch >= self.patience
-        return {"best_epoch": best_epoch, "best_gap": best_gap,
+        return {"best_epoch": best_epoch, "best_gap": best_gap, "best_sha256": best_sha256,
                 "finished": epoch >= self.total_epochs or patience_out}
 
 
@@ -428,7 +453,7 @@ def train_model(name: str, model_cfg: dict, train_cfg: dict, *, version: int, nu
     train_cfg = TRAIN_DEFAULTS | train_cfg
     # before anything else starts TensorFlow's runtime in this process (MultiWorkerMirroredStrategy needs that)
     strategy = make_strategy(train_cfg["distribute"])
-    index = pd.read_parquet(index_path)
+    index = read_index(index_path)
     rows = data_lib.subset_rows(index, "train", model_cfg["level"])
     if rows.empty:
         raise ValueError(f"{index_path}: no {model_cfg['level']}-level videos in the train subset")
@@ -491,7 +516,7 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
                             validator=validator, patience=train_cfg["patience"])
         callbacks = [progress, StepLogger(train_cfg["log_every_steps"], global_batch)]
         start = time.perf_counter()
-        with stop.installed():
+        with stop.installed(), _out_of_memory_named(name, model_cfg["batch_size"]):
             while not progress.state.get("finished") and progress.state["epoch"] < epochs and not progress.interrupted:
                 epoch, batch = progress.state["epoch"], progress.state["batch"]
                 # a partially done epoch is finished by a call of its own, with fewer steps
@@ -516,7 +541,7 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
         if step != epochs_run * steps:
             raise RuntimeError(f"{name}: {step} optimizer steps after training, expected {epochs_run} x {steps}")
         if validator is not None:
-            checkpoint.restore_best(model)
+            checkpoint.restore_best(model, progress.state.get("best_sha256"))
     inference_model = _inference_copy(name, model_cfg, num_classes, model)
     choice = {"best_epoch": progress.state["best_epoch"], "best_val_gap": progress.state["best_gap"],
               "validation_videos": validator.count if validator else 0, "max_epochs": epochs,
@@ -524,6 +549,17 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
     return _write_outputs(name, inference_model, model_cfg, train_cfg, progress.state["history"], len(rows), wall,
                           step, global_batch, replicas, strategy, out_dir,
                           None if keep_checkpoint else checkpoint.save_folder, choice)
+
+
+@contextlib.contextmanager
+def _out_of_memory_named(name: str, batch_size: int):
+    """An allocation failing while training (MemoryError on the host, ResourceExhaustedError on a
+    device) becomes OutOfMemory, whose one line says what to lower."""
+    try:
+        yield
+    except (MemoryError, tf.errors.ResourceExhaustedError) as err:
+        raise OutOfMemory(f"out of memory at batch_size {batch_size}; lower models.{name}.batch_size in "
+                          "params.yaml") from err
 
 
 def make_deterministic(seed: int) -> dict:
@@ -639,6 +675,7 @@ def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall,
     model_path = out_dir / "model.keras"
     with atomic_path(model_path) as tmp:
         model.save(tmp)
+        model_sha256 = sha256_file(tmp)  # evaluate checks the model against it before loading it
     trained_seconds = sum(r["seconds"] for r in history)
     later = history[1:]  # the first epoch includes tracing and warm-up
     stats = {
@@ -648,6 +685,7 @@ def _write_outputs(name, model, model_cfg, train_cfg, history, num_videos, wall,
         "parameters": trainable_parameter_count(model),
         "total_parameters": int(model.count_params()),
         "model_size_mb": model_path.stat().st_size / 2**20,
+        "model_sha256": model_sha256,
         "train_videos": int(num_videos),
         "epochs": len(history),
         "steps": step,
