@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import numba
 import numpy as np
-from tensorflow.core.example import feature_pb2
+
+from .example_proto import Feature, FeatureList
 
 RGB_DIM, AUDIO_DIM = 1024, 128
 PADDING = 32  # zero bytes that must follow the last record: the walk reads up to 16 bytes past a field
@@ -57,7 +58,7 @@ class _Keys:
 
 def _frame_prefix(width: int) -> bytes:
     """The bytes before each frame's own in a serialized FeatureList of single `width`-byte frames."""
-    one = feature_pb2.FeatureList()
+    one = FeatureList()
     one.feature.add().bytes_list.value.append(bytes(width))
     return one.SerializeToString()[:-width]
 
@@ -75,7 +76,7 @@ _LIST_KEYS = _Keys("rgb", "audio")
 
 def _float_feature_header(count: int) -> bytes:
     """The bytes before the floats in a serialized Feature holding a packed list of `count` floats."""
-    feature = feature_pb2.Feature()
+    feature = Feature()
     feature.float_list.value.extend([0.0] * count)
     return feature.SerializeToString()[:-4 * count]
 

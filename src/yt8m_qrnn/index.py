@@ -34,9 +34,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf.message import DecodeError
-from tensorflow.core.example import example_pb2, feature_pb2
 
 from .config import NUM_CLASSES
+from .example_proto import Example, FeatureList, SequenceExample
 from .io import CorruptArtifact, atomic_path, write_json
 from .quantization import dequantize
 from . import fastparse
@@ -102,7 +102,7 @@ def _parser(version: int, level: str) -> Callable[[bytes], tuple[str, list[int],
 
 def _parse_video(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
     try:
-        feats = example_pb2.Example.FromString(data).features.feature
+        feats = Example.FromString(data).features.feature
     except DecodeError as err:
         raise BadRecordError(f"not a tf.train.Example: {err}") from None
     # The common case in one expression; anything unusual goes to the slower checks, which explain it.
@@ -120,7 +120,7 @@ def _parse_video(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[
 
 def _parse_frame(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
     try:
-        seq = example_pb2.SequenceExample.FromString(data)
+        seq = SequenceExample.FromString(data)
     except DecodeError as err:
         raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
     video_id, labels, rgb, _ = frame_fields(seq, id_key, num_classes)
@@ -182,7 +182,7 @@ def _bad_feature(feats, key: str, expected: str):
 
 def _frame_prefix(width: int) -> np.ndarray:
     """The bytes that precede each frame in a serialized FeatureList of single `width`-byte frames."""
-    one = feature_pb2.FeatureList()
+    one = FeatureList()
     one.feature.add().bytes_list.value.append(bytes(width))
     return np.frombuffer(one.SerializeToString()[:-width], np.uint8)
 
@@ -717,11 +717,11 @@ def derive_video_level(frame_record: bytes, version: int) -> bytes:
     mean_rgb / mean_audio the float32 mean over frames of the dequantized features."""
     id_key = ID_KEYS[version]
     try:
-        seq = example_pb2.SequenceExample.FromString(frame_record)
+        seq = SequenceExample.FromString(frame_record)
     except DecodeError as err:
         raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
     _, _, rgb, audio = frame_fields(seq, id_key, NUM_CLASSES[version])
-    example = example_pb2.Example()
+    example = Example()
     out = example.features.feature
     out[id_key].CopyFrom(seq.context.feature[id_key])
     if seq.context.feature["labels"].int64_list.value:

@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from google.protobuf.message import DecodeError
-from tensorflow.core.example import example_pb2
 
 from . import fastparse
+from .example_proto import Example, SequenceExample
 from .index import COLUMNS, ID_KEYS, BadRecordError, frame_fields, parse_video_record
 from .tfrecord import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, CorruptRecordError, RecordError, record_ok, scan_buffer
 
@@ -150,7 +150,7 @@ class VideoBatches(_Batches):
 
     def _parse_one(self, out: np.ndarray, data: bytes, position: int) -> None:
         self._check_row(position, *parse_video_record(data, self.version, "video"))
-        feature = example_pb2.Example.FromString(data).features.feature
+        feature = Example.FromString(data).features.feature
         out[:RGB_DIM] = feature["mean_rgb"].float_list.value
         out[RGB_DIM:] = feature["mean_audio"].float_list.value
 
@@ -179,7 +179,7 @@ class FrameBatches(_Batches):
 
     def _parse_one(self, out: np.ndarray, data: bytes, position: int) -> None:
         try:
-            sequence = example_pb2.SequenceExample.FromString(data)
+            sequence = SequenceExample.FromString(data)
         except DecodeError as err:
             raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
         video_id, labels, rgb, audio = frame_fields(sequence, ID_KEYS[self.version], self.num_classes)

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .example_proto import Example, SequenceExample
 from .quantization import dequantize, quantize
+from .tfrecord import write_records
 
 RGB_DIM, AUDIO_DIM = 1024, 128
 FEATURE_DIM = RGB_DIM + AUDIO_DIM
@@ -105,9 +107,7 @@ class EventWorld:
 
 
 def frame_example(video: Video) -> bytes:
-    from tensorflow.core.example import example_pb2
-
-    seq = example_pb2.SequenceExample()
+    seq = SequenceExample()
     seq.context.feature["id"].bytes_list.value.append(video.video_id.encode())
     seq.context.feature["labels"].int64_list.value.extend(video.labels)
     rgb = seq.feature_lists.feature_list["rgb"].feature
@@ -119,9 +119,7 @@ def frame_example(video: Video) -> bytes:
 
 
 def video_example(video: Video) -> bytes:
-    from tensorflow.core.example import example_pb2
-
-    example = example_pb2.Example()
+    example = Example()
     mean = dequantize(video.frames).mean(axis=0)
     example.features.feature["id"].bytes_list.value.append(video.video_id.encode())
     example.features.feature["labels"].int64_list.value.extend(video.labels)
@@ -132,11 +130,7 @@ def video_example(video: Video) -> bytes:
 
 def write_tfrecord(path: Path, records: list[bytes]) -> str:
     """Write with TFRecord framing; return the file's md5."""
-    import tensorflow as tf
-
-    with tf.io.TFRecordWriter(str(path)) as writer:
-        for record in records:
-            writer.write(record)
+    write_records(path, records)
     return hashlib.md5(path.read_bytes()).hexdigest()
 
 
