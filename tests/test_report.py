@@ -460,43 +460,44 @@ def test_no_git_no_dvc_lock(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the real stage, under both orchestrators
 
 @pytest.mark.slow
-def test_pipeline_report_html_metrics_and_plots(tmp_path):
-    """A tiny run of two models: report.md, `snakemake --report`, `dvc metrics show/diff`, `dvc plots show`."""
-    from test_pipeline import copy_repo, run, tiny_params
+def test_pipeline_report_html_metrics_and_plots(tiny_build, tmp_path):
+    """A tiny run of two models: report.md, `snakemake --report`, `dvc metrics show/diff`, `dvc plots show`.
+    On a copy of the session's tiny build (every model built) with run_models cut to two: the report is
+    made again, of those two only."""
+    from tiny_pipeline import copy_workspace, run
 
-    copy_repo(tmp_path)
-    params = tiny_params()
+    workspace = copy_workspace(tiny_build.root, tmp_path / "built")
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
     params["run_models"] = ["logistic", "qrnn"]
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], tmp_path)
-    run(["snakemake", "--cores", "2"], tmp_path)
-    text = (tmp_path / "results" / "report.md").read_text()
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["snakemake", "--cores", "2"], workspace)
+    text = (workspace / "results" / "report.md").read_text()
     tables = markdown_tables(text)
     for prefix in ("1. Table 1", "2. Table 2", "3. Every"):
         assert_no_empty_cells(section(tables, prefix), prefix)
     assert "**Generated data.**" in text and "moe (this run" not in text
     for figure in REQUIRED_FIGURES:
-        assert (tmp_path / "results" / "figures" / figure).read_bytes()[:8] == PNG_MAGIC
+        assert (workspace / "results" / "figures" / figure).read_bytes()[:8] == PNG_MAGIC
 
-    run(["snakemake", "--report", "report.html"], tmp_path)
-    page = (tmp_path / "report.html").read_text()
+    run(["snakemake", "--report", "report.html"], workspace)
+    page = (workspace / "report.html").read_text()
     for name in [f.rsplit(".", 1)[0] for f in REQUIRED_FIGURES] + ["table1", "table2", "models", "report.md"]:
         assert name in page, name
 
-    shown = run(["dvc", "metrics", "show"], tmp_path)
+    shown = run(["dvc", "metrics", "show"], workspace)
     for model in ("logistic", "qrnn"):
         assert f"results/eval/{model}/metrics.json" in shown and f"results/models/{model}/train_stats.json" in shown
-    plots = run(["dvc", "plots", "show", "--json"], tmp_path)
+    plots = run(["dvc", "plots", "show", "--json"], workspace)
     for path in ("history.csv", "pr_curve.csv", "per_class_ap.csv"):
         assert path in plots
 
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
-    run(["git", "add", "-A"], tmp_path)
-    run([*git, "commit", "-qm", "first run"], tmp_path)
+    run(["git", "add", "-A"], workspace)
+    run([*git, "commit", "-qm", "first run"], workspace)
     params["models"]["qrnn"]["hidden"] = 5
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["dvc", "repro"], tmp_path)
-    diff = run(["dvc", "metrics", "diff"], tmp_path)  # against the commit: only what changed, per model
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "repro"], workspace)
+    diff = run(["dvc", "metrics", "diff"], workspace)  # against the commit: only what changed, per model
     assert "results/eval/qrnn/metrics.json" in diff
     assert re.search(r"results/models/qrnn/train_stats\.json\s+parameters\s", diff)
     assert "results/eval/logistic/metrics.json" not in diff and "results/models/logistic" not in diff

@@ -33,7 +33,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tool_env
-from test_pipeline import copy_repo, tiny_params
+from tiny_pipeline import copy_repo, copy_workspace, tiny_params
 
 PROFILES = REPO / "workflow" / "profiles"
 STAGES = ["generate", "fetch", "index", "train", "evaluate", "bench", "report"]
@@ -195,7 +195,7 @@ def gcs_bucket(workspace: Path):
         try:
             client = storage.Client(project="test-project")
             bucket = client.create_bucket(BUCKET)
-            for folder in ("src", "workflow/scripts", "results/params"):
+            for folder in ("src", "workflow/scripts", "workflow/schemas", "results/params"):
                 for path in sorted((workspace / folder).rglob("*")):
                     if path.is_file() and "__pycache__" not in path.parts:
                         bucket.blob(f"qrnn/{path.relative_to(workspace)}").upload_from_filename(str(path))
@@ -508,24 +508,20 @@ def cached_outputs(cwd) -> list[str]:
 
 
 def digests(cwd, paths) -> dict[str, str]:
+    """Each output file's md5; not Snakemake's time stamps in its folders, which DVC ignores (.dvcignore)."""
     found = {}
     for rel in paths:
         root = cwd / rel
         for path in sorted([root] if root.is_file() else root.rglob("*")):
-            if path.is_file():
+            if path.is_file() and path.name != ".snakemake_timestamp":
                 found[str(path.relative_to(cwd))] = hashlib.md5(path.read_bytes()).hexdigest()
     return found
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """The tiny pipeline, built by Snakemake and committed."""
-    root = tmp_path_factory.mktemp("remote")
-    copy_repo(root)
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
-    run(["git", "init", "-q"], root)
-    git_commit(root, "tiny")
-    run(["snakemake", "--cores", "2"], root)
+def built(tiny_build, tmp_path_factory):
+    """The tiny pipeline, built by Snakemake and committed: this module's own copy of the session's build."""
+    root = copy_workspace(tiny_build.root, tmp_path_factory.mktemp("remote") / "built")
     assert "up to date" in run(["dvc", "status"], root)
     git_commit(root, "built")
     return root
