@@ -450,6 +450,20 @@ def test_failed_stage_removes_all_its_outputs(ws, capsys, monkeypatch):
     assert Path("results/index/index.parquet").exists()  # other stages' outputs are not touched
 
 
+def test_a_stage_removes_what_a_killed_run_left_mid_write(indexed_data, capsys):
+    """Temporaries named after a dead writer's pid: the next run of the stage removes them, and only them."""
+    folder = Path("results/index")
+    folder.mkdir(parents=True, exist_ok=True)
+    left = [folder / ".index.tmp4242.parquet", folder / ".label_stats.tmp4242.json"]
+    for path in left:
+        path.write_bytes(b"half")
+    other = folder / ".notes.tmp4242.txt"
+    other.write_text("not an output's")
+    assert run_cli(capsys, "index")[0] == 0
+    assert [path for path in left if path.exists()] == [] and other.exists()
+    assert sorted(p.name for p in folder.iterdir()) == [".notes.tmp4242.txt", "index.parquet", "label_stats.json"]
+
+
 def test_stage_outputs_match_the_dag():
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, stage in dvc.items():

@@ -31,7 +31,7 @@ import yaml
 
 from . import stages as pipeline
 from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
-from .io import CorruptArtifact, StageError, resource_locks, sha256_file
+from .io import CorruptArtifact, StageError, remove_stale_temporaries, resource_locks, sha256_file
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -78,6 +78,9 @@ def guarded(stage: str, item: str | None, params: dict):
     reads, writes = pipeline.locks(stage, item, params)
     owner = f"stage {stage}" + (f"@{item}" if item else "")
     with resource_locks(pipeline.LOCK_DIR, reads, writes, owner=owner):
+        for output in pipeline.outputs(stage, item):
+            for path in remove_stale_temporaries(output):
+                log.info("removed %s, left by a run killed while writing it", path)
         try:
             yield
         except BaseException:

@@ -7,6 +7,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -99,6 +100,23 @@ def atomic_folder(final: Path):
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove what writers killed mid-write left beside `final`: the temporaries of atomic_path,
+    atomic_folder and publish_shards (".<name>.tmp<pid>...", ".<stem>.tmp<pid><suffix>",
+    ".<name>.old<pid>"). Their names carry the dead writer's pid, so no later writer reuses
+    them. Call it holding the lock on `final`: no other live writer then has one (this
+    process's own are kept)."""
+    final = Path(final)
+    if not final.parent.is_dir():
+        return []
+    patterns = {f".{final.name}.tmp*", f".{final.name}.old*", f".{final.stem}.tmp*{final.suffix}"}
+    mine = re.compile(rf"\.(?:tmp|old){os.getpid()}(?:\D|$)")
+    stale = sorted({path for pattern in patterns for path in final.parent.glob(pattern) if not mine.search(path.name)})
+    for path in stale:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return stale
 
 
 def write_json(path: Path, obj) -> None:
