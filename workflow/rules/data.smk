@@ -26,8 +26,9 @@ rule generate:
 # declared output, so no rerun deletes them; a shard job whose shard is verified downloads nothing.
 #
 # The plan and the records are bookkeeping: what decides whether the data is up to date is
-# the fetch rule's own inputs, as in dvc.yaml. So the helpers take the params stamp and the
-# mirror as ancient (their times, e.g. after restore_mtimes.py, rerun nothing); a plan made
+# the fetch rule's own inputs, as in dvc.yaml. So the helpers take the params stamp, the
+# mirror and their code as ancient (their times, e.g. after restore_mtimes.py or an edit to
+# the code, which reruns the fetch itself, rerun nothing); a plan made
 # from other data params is removed when Snakemake starts (stages.forget_stale_plan), and
 # the checkpoint makes it again. Missing records (a workspace filled by `dvc pull`) are made
 # only when the fetch job has to run.
@@ -41,8 +42,8 @@ checkpoint fetch_plan:
     input:
         params=ancient("results/params/fetch.json"),
         mirror=[ancient(path) for path in GENERATED_MIRROR],
-        script=f"{SCRIPTS}/fetch_shard.py",
-        code=code_deps("fetch"),
+        script=ancient(f"{SCRIPTS}/fetch_shard.py"),
+        code=[ancient(path) for path in code_deps("fetch")],
     output:
         plan=str(SHARD_PLAN),
     params:
@@ -61,8 +62,8 @@ rule fetch_shard:
     input:
         plan=ancient(str(SHARD_PLAN)),  # a new plan (one more shard) reruns no fetched shard
         mirror=[ancient(path) for path in GENERATED_MIRROR],
-        script=f"{SCRIPTS}/fetch_shard.py",
-        code=code_deps("fetch"),
+        script=ancient(f"{SCRIPTS}/fetch_shard.py"),
+        code=[ancient(path) for path in code_deps("fetch")],
     output:
         record=f"{SHARD_RECORDS}/{{shard}}.json",  # stages.shard_record
     wildcard_constraints:
