@@ -263,7 +263,7 @@ def test_killed_anywhere_the_dag_comes_back_to_the_same_results(reference, orche
     assert "up to date" in sh(["dvc", "status"], root, env)
     assert "Nothing to be done" in sh(["snakemake", "-n"], root, env)
     stale = dvc_lock_entries(root)
-    print(f"{orchestrator}: DVC's rwlock keeps {len(stale)} entries of killed runs, all of dead processes")
+    print(f"{orchestrator}: DVC's rwlock keeps {len(stale)} entries of killed runs (none of a live process)")
     others = temporary_files(root)
     print(f"{orchestrator}: left in $TMPDIR by Snakemake and TensorFlow: {len(others)} "
           f"({', '.join(path.name for path in others[:4])}{', ...' if len(others) > 4 else ''})")
