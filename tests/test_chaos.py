@@ -29,7 +29,7 @@ import pytest
 
 from conftest import tool_env
 from test_pipeline import dvc_ran, snakemake_ran
-from tiny_pipeline import tiny_workspace
+from tiny_pipeline import run, tiny_workspace
 
 pytestmark = [pytest.mark.slow, pytest.mark.chaos]
 
@@ -46,14 +46,6 @@ OWN_RECORDS = (".git", "logs", ".snakemake/log", ".snakemake/metadata", ".dvc/tm
 
 
 # ---------------------------------------------------------------- workspace and processes
-
-def sh(cmd: list[str], cwd: Path, env: dict) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
-    out = result.stdout + result.stderr
-    if result.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{out[-4000:]}")
-    return out
-
 
 def chaos_env(root: Path) -> dict:
     """The tools' environment with a temporary folder of the workspace's own, so that what a
@@ -147,7 +139,7 @@ def chaos_run(orchestrator: str, root: Path, seed: int) -> list[str]:
     lines = [f"{orchestrator}: seed {seed}, kills owed {owed}"]
     for attempt in range(1, 4 * KILLS):
         if orchestrator == "snakemake" and attempt > 1:
-            sh(["snakemake", "--unlock"], root, env)
+            run(["snakemake", "--unlock"], root, env=env)
         log = root.parent / f"{root.name}-run{attempt:02d}.log"
         code, seconds, target, running = run_until_killed(cmd, root, env, log, owed, rng)
         redid = ", ".join(jobs_started(orchestrator, log)) or "nothing"
@@ -260,8 +252,8 @@ def test_killed_anywhere_the_dag_comes_back_to_the_same_results(reference, orche
     assert [name for name in digests if final[name] != digests[name]] == []
     assert leftovers(root) == []
     assert sorted(file_set(root) - files) == []  # nothing the uninterrupted run does not have
-    assert "up to date" in sh(["dvc", "status"], root, env)
-    assert "Nothing to be done" in sh(["snakemake", "-n"], root, env)
+    assert "up to date" in run(["dvc", "status"], root, env=env)
+    assert "Nothing to be done" in run(["snakemake", "-n"], root, env=env)
     stale = dvc_lock_entries(root)
     print(f"{orchestrator}: DVC's rwlock keeps {len(stale)} entries of killed runs (none of a live process)")
     others = temporary_files(root)

@@ -46,8 +46,10 @@ def copy_repo(dest):
             shutil.copy2(source, dest / rel)
 
 
-def run(cmd, cwd, check=True):
-    result = subprocess.run(cmd, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+def run(cmd, cwd, check=True, env=None):
+    """The command's output (stdout then stderr); AssertionError with its tail when it fails and `check`.
+    `env`: the environment, tool_env() when not given."""
+    result = subprocess.run(cmd, cwd=cwd, env=env or tool_env(), capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result.stdout + result.stderr
