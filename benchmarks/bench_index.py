@@ -39,7 +39,7 @@ def raw_read(paths: list[Path]) -> int:
 def generate_shards(folder: Path, level: str, shards: int, videos: int, seed: int = 0) -> list[Path]:
     from tensorflow.core.example import example_pb2
 
-    from yt8m_qrnn.tfrecord import write_records
+    from yt8m_qrnn.records.tfrecord import write_records
 
     rng = np.random.default_rng(seed)
     paths = []
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     start = time.perf_counter()
-    from yt8m_qrnn import index as ix  # imports TensorFlow's protobuf classes: a one-off cost, reported apart
+    from yt8m_qrnn.stages import index as ix  # imports TensorFlow's protobuf classes: a one-off cost, reported apart
     import_seconds = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
 
     print(f"{source}: {len(paths)} files, {size / 1e6:.1f} MB, {rows} records "
           f"({result['cpus']} cpus, load average {result['load_average'][0]:.2f})")
-    print(f"  import yt8m_qrnn.index (TensorFlow protobuf classes): {import_seconds:.2f} s, once per process")
+    print(f"  import yt8m_qrnn.stages.index (TensorFlow protobuf classes): {import_seconds:.2f} s, once per process")
     print(f"  first index call (compiles the fast path unless numba's cache has it): {first_call_seconds:.2f} s")
     for name, key in (("raw sequential read, 8 MB blocks", "raw_read"), ("index, default workers", "index"),
                       ("index, 1 thread", "index_serial")):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from yt8m_qrnn.metrics import EvaluationMetrics
+from yt8m_qrnn.metrics.official import EvaluationMetrics
 
 
 def parse_args() -> argparse.Namespace:

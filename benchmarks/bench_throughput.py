@@ -68,8 +68,8 @@ def matmuls(model, frames: int) -> list[dict]:
     """
     import keras
 
-    from yt8m_qrnn.models import MixtureOfExperts
-    from yt8m_qrnn.qrnn import QRNNStack
+    from yt8m_qrnn.models.starter import MixtureOfExperts
+    from yt8m_qrnn.models.qrnn import QRNNStack
 
     found = []
 
@@ -139,7 +139,7 @@ def synthetic_batch(cfg: dict, batch: int, frames: int, classes: int, rng):
     """Inputs as the pipeline gives them (video: float32 [B, 1152]; frame: uint8 [B, T, 1152], all T real)."""
     import numpy as np
 
-    from yt8m_qrnn.models import FEATURE_DIM
+    from yt8m_qrnn.records.features import FEATURE_DIM
 
     if cfg["level"] == "video":
         x = {"features": rng.normal(size=(batch, FEATURE_DIM)).astype("float32")}
@@ -170,7 +170,7 @@ def run_backend(quick: bool, params: Path, frames: int) -> dict:
     import keras
     import numpy as np
 
-    from yt8m_qrnn.models import build_model, starter_cross_entropy
+    from yt8m_qrnn.models.starter import build_model, starter_cross_entropy
 
     settings = QUICK if quick else FULL
     backend, classes = keras.backend.backend(), settings["classes"]

@@ -5,7 +5,7 @@
 
 Measures the training step alone (forward, backward, clipping, Adam), after one
 warm-up epoch that includes tracing; the data pipeline is not included (see
-yt8m_qrnn.data for that). Prints one JSON line per model.
+yt8m_qrnn.data.stream for that). Prints one JSON line per model.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from yt8m_qrnn.models import build_model, starter_cross_entropy, trainable_parameter_count  # noqa: E402
-from yt8m_qrnn.train import make_optimizer  # noqa: E402
+from yt8m_qrnn.models.starter import build_model, starter_cross_entropy, trainable_parameter_count  # noqa: E402
+from yt8m_qrnn.stages.train import make_optimizer  # noqa: E402
 
 TRAIN = {"learning_rate_decay": 0.95, "learning_rate_decay_examples": 4_000_000, "clip_gradient_norm": 1.0}
 PAPER = {

@@ -19,7 +19,7 @@ import json, os, sys
 import numpy as np
 import keras
 assert keras.backend.backend() == os.environ["KERAS_BACKEND"], keras.backend.backend()
-from yt8m_qrnn.models import build_model, starter_cross_entropy, trainable_parameter_count
+from yt8m_qrnn.models.starter import build_model, starter_cross_entropy, trainable_parameter_count
 assert "tensorflow" not in sys.modules or os.environ["KERAS_BACKEND"] == "tensorflow", "models imported tensorflow"
 CONFIGS = json.loads(sys.argv[1])
 CLASSES, BATCH, FRAMES = 11, 4, 6
@@ -74,7 +74,7 @@ def test_every_model_trains_a_step_on_the_backend(backend):
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULTS "))
     results = json.loads(line.removeprefix("RESULTS "))
     assert set(results) == set(MODELS)
-    from yt8m_qrnn.models import build_model, trainable_parameter_count  # this process: the default backend
+    from yt8m_qrnn.models.starter import build_model, trainable_parameter_count  # this process: the default backend
     for name, r in results.items():
         assert r["shape"] == [4, 11] and r["finite"] and r["in_range"], (name, r)
         assert r["loss"] > 0 and r["loss"] == r["loss"], (name, r)

@@ -1,4 +1,4 @@
-"""The bench stage (yt8m_qrnn.bench) and its part of the report.
+"""The bench stage (yt8m_qrnn.stages.bench) and its part of the report.
 
 The stage's command line runs on a tiny grid (its params from a temporary params file) and
 writes well-formed JSON whose ratios are the LSTM time over the QRNN time; the pooling
@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from conftest import REPO, tool_env
-from yt8m_qrnn import bench
-from yt8m_qrnn.config import ParamsError, stage_params, validate_params
-from yt8m_qrnn.qrnn import LINEAR_RECURRENCES
-from yt8m_qrnn.report import ReportError, bench_section
+from yt8m_qrnn.stages import bench
+from yt8m_qrnn.pipeline.params import ParamsError, stage_params, validate_params
+from yt8m_qrnn.models.qrnn import LINEAR_RECURRENCES
+from yt8m_qrnn.stages.report.build import ReportError, bench_section
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -309,7 +309,7 @@ def test_report_section_names_a_malformed_file(tmp_path):
 def test_the_whole_report_has_the_section(tmp_path):
     from test_report import DEFAULT_MODELS, make_report, write_fake_results
 
-    from yt8m_qrnn.report import build_report
+    from yt8m_qrnn.stages.report.build import build_report
 
     assert "The bench has not been run" in make_report(tmp_path / "without")
     results = write_fake_results(tmp_path / "with")

@@ -12,7 +12,7 @@ import keras
 import pytest
 
 from conftest import REPO, tool_env
-from yt8m_qrnn.models import build_model
+from yt8m_qrnn.models.starter import build_model
 
 SCRIPT = REPO / "benchmarks" / "bench_throughput.py"
 _spec = importlib.util.spec_from_file_location("bench_throughput", SCRIPT)

@@ -1,7 +1,8 @@
-"""Each stage declares, in dvc.yaml and in its Snakemake rule, exactly the repository files its
-process reads: its script, the params schema, the package modules it imports (inside functions
-too) and the package data they open. So an edit to any of them makes exactly the stages that
-read it stale, under either orchestrator."""
+"""Each stage's code, declared once in yt8m_qrnn.pipeline.dag (package folders and modules) and
+spelled in dvc.yaml and in its Snakemake rule, covers every repository file its process reads:
+its script, the params schema, the package modules it imports (inside functions too) and the
+package data they open; and each declared folder or module is read. So an edit to any of them
+makes exactly the stages that read it stale, under either orchestrator."""
 import inspect
 import json
 import os
@@ -16,7 +17,9 @@ import yaml
 from conftest import REPO, tool_env
 from test_dag_agreement import dvc_stages
 from test_pipeline import copy_repo, run
-from yt8m_qrnn.stages import SHARD_PLAN, data_params_digest
+from yt8m_qrnn.pipeline import dag
+from yt8m_qrnn.pipeline.dag import SHARD_PLAN
+from yt8m_qrnn.stages.fetch.store import data_params_digest
 
 DATA = ("resources/", "results/")
 
@@ -24,27 +27,27 @@ DATA = ("resources/", "results/")
 def trace(script: str) -> None:
     """Print the repository files the stage script's process reads (run in a fresh interpreter).
 
-    The script runs with its stage stubbed out, so its imports are loaded; then every import
-    inside a function is loaded too: of the stage's own functions in stages.py (the functions
-    the script names, stages.<name>, and those they call: stages.py holds every stage, so its
-    other functions are not followed), and of every other module of the package as a whole.
-    Package data: the files of src/yt8m_qrnn and workflow/schemas that a loaded module names.
+    The script runs with pipeline.cli.run_stage stubbed out, so its own imports are loaded; then the
+    module of the stage's entry (pipeline.dag), which cli imports when the stage runs; then every
+    import inside a function of every loaded module of the package, until none is new.
+    Package data: the files of src/yt8m_qrnn and workflow/schemas that a loaded module names
+    (the declaration, pipeline.dag, names every stage's: only its own constants count).
     """
     import ast
+    import importlib
     import importlib.util
-    import inspect
     import json
     import runpy
     import sys
     from pathlib import Path
 
     sys.path.insert(0, "src")
-    from yt8m_qrnn import cli, stages
+    from yt8m_qrnn.pipeline import cli, dag
 
-    def load_imports(tree):
+    def load_imports(tree, package):
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
-                base = importlib.util.resolve_name("." * node.level + (node.module or ""), "yt8m_qrnn")
+                base = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
                 names = [base] + [f"{base}.{alias.name}" for alias in node.names]
             elif isinstance(node, ast.Import):
                 names = [alias.name for alias in node.names]
@@ -59,27 +62,32 @@ def trace(script: str) -> None:
     def package():
         return {name for name in sys.modules if name.split(".")[0] == "yt8m_qrnn"}
 
-    cli.run_stage = lambda *args, **kwargs: None
+    called = []
+    cli.run_stage = lambda name, *args, **kwargs: called.append(name)
     runpy.run_path(script)  # not as __main__: fetch_shard.py's main() does not run either
-    functions = {name for name, f in inspect.getmembers(stages, inspect.isfunction) if f.__module__ == stages.__name__}
-    todo = {n.attr for n in ast.walk(ast.parse(Path(script).read_text()))
-            if isinstance(n, ast.Attribute) and getattr(n.value, "id", None) == "stages" and n.attr in functions}
-    followed = set()
-    while todo:
-        followed.add(name := todo.pop())
-        tree = ast.parse(inspect.getsource(getattr(stages, name)))
-        load_imports(tree)
-        todo |= {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in functions} - followed
-    scanned = {stages.__name__}
+    for name in called:
+        importlib.import_module(dag.stage(name).entry.partition(":")[0])
+    scanned = set()
     while new := package() - scanned:
         for name in new:
             scanned.add(name)
-            load_imports(ast.parse(inspect.getsource(sys.modules[name])))
+            module = sys.modules[name]
+            load_imports(ast.parse(Path(module.__file__).read_text()), module.__package__ or name)
 
     files = {script} | {Path(sys.modules[name].__file__).relative_to(Path.cwd()).as_posix() for name in package()}
-    named = {n.value for f in files for n in ast.walk(ast.parse(Path(f).read_text())) if isinstance(n, ast.Constant)}
-    files |= {p.as_posix() for folder in ("src/yt8m_qrnn", "workflow/schemas") for p in Path(folder).iterdir()
-              if p.suffix != ".py" and p.name in named}
+    declaration = "src/yt8m_qrnn/pipeline/dag.py"  # names every stage's data: not a reader of it
+    named = {n.value for f in files - {declaration} for n in ast.walk(ast.parse(Path(f).read_text()))
+             if isinstance(n, ast.Constant)}
+    named_files = {Path(n).name for n in named if isinstance(n, str) and "." in n}
+    files |= {p.relative_to(Path.cwd()).as_posix() for folder in ("src/yt8m_qrnn", "workflow/schemas")
+              for p in Path(folder).resolve().rglob("*")
+              if p.is_file() and p.suffix not in (".py", ".pyc") and p.name in named_files}
+    # and the files a module names in a constant of its own (the schema's path, in pipeline.dag)
+    for name in package():
+        for value in vars(sys.modules[name]).values():
+            if isinstance(value, (str, Path)) and str(value).startswith(("src/yt8m_qrnn/", "workflow/schemas/")):
+                if Path(value).is_file():
+                    files.add(Path(value).as_posix())
     print(json.dumps(sorted(files)))
 
 
@@ -132,18 +140,39 @@ def traced(declared) -> dict[str, set[str]]:
 def test_the_trace_follows_imports_inside_functions_and_package_data(traced):
     py = "src/yt8m_qrnn/"
     train, evaluate = traced["workflow/scripts/train.py"], traced["workflow/scripts/evaluate.py"]
-    assert {py + "train.py", py + "reader.py", py + "tfrecord.py", py + "fastparse.py"} <= train  # from stages.train
-    assert {py + "models.py", py + "qrnn.py"} <= evaluate  # evaluate.py's imports inside its functions
-    assert py + "paper_numbers.yaml" in traced["workflow/scripts/report.py"]
-    assert py + "yt8m_label_shape.json" in traced["workflow/scripts/generate.py"]
+    assert {py + "stages/train.py", py + "data/reader.py", py + "records/tfrecord.py",
+            py + "records/fastparse.py"} <= train
+    assert {py + "models/starter.py", py + "models/qrnn.py"} <= evaluate
+    assert py + "stages/report/paper_numbers.yaml" in traced["workflow/scripts/report.py"]
+    assert py + "stages/yt8m_label_shape.json" in traced["workflow/scripts/generate.py"]
     assert "workflow/schemas/params.schema.yaml" in train
-    # stages.py imports every stage's modules inside its functions: only the stage's own are followed
-    assert not {py + "report.py", py + "synth.py", py + "fetch.py", py + "bench.py"} & train
+    # only the stage's own modules are loaded
+    assert not {py + "stages/report/build.py", py + "stages/generate.py", py + "stages/fetch/sources.py",
+                py + "stages/bench.py"} & train
+
+
+def covers(declared: str, path: str) -> bool:
+    return path == declared or path.startswith(declared + "/")
 
 
 def differences(declared: dict[str, tuple[str, set[str]]], traced: dict[str, set[str]]) -> list[str]:
-    return [f"{name}: undeclared {sorted(traced[script] - files)}, not read {sorted(files - traced[script])}"
-            for name, (script, files) in sorted(declared.items()) if files != traced[script]]
+    """Per stage: the files its process reads that no declared dep covers, and the declared deps
+    (files or folders) that cover none of them."""
+    out = []
+    for name, (script, deps) in sorted(declared.items()):
+        read = traced[script]
+        undeclared = sorted(path for path in read if not any(covers(dep, path) for dep in deps))
+        unused = sorted(dep for dep in deps if not any(covers(dep, path) for path in read))
+        if undeclared or unused:
+            out.append(f"{name}: undeclared {undeclared}, not read {unused}")
+    return out
+
+
+def test_the_declared_code_is_what_each_stage_reads(traced):
+    """The declaration itself (pipeline.dag: folders and modules), against every DVC stage's trace."""
+    declared = {name: (f"workflow/scripts/{name}.py", set(dag.code_paths(name)) | {dag.SCHEMA,
+                f"workflow/scripts/{name}.py"}) for name, spec in dag.STAGES.items() if "dvc" in spec.orchestrators}
+    assert differences(declared, traced) == []
 
 
 def test_dvc_stages_declare_every_file_their_process_reads(declared, traced):
@@ -151,9 +180,13 @@ def test_dvc_stages_declare_every_file_their_process_reads(declared, traced):
 
 
 def test_snakemake_rules_declare_every_file_their_process_reads(declared, traced):
+    """The rules list files (a folder's time does not change when a file in it is edited): each
+    file the process reads is among them, and each is a file of the declared code."""
     rules = declared["snakemake"]
     assert {"fetch_plan", "fetch_shard"} <= set(rules)  # the fan-out's helpers too, whose script DVC never runs
-    assert differences(rules, traced) == []
+    for name, (script, files) in rules.items():
+        assert traced[script] <= files, f"{name}: undeclared {sorted(traced[script] - files)}"
+        assert files == set(dag.code_files(name)) | {dag.SCHEMA, script}, name
 
 
 # ---------------------------------------------------------------- an edit makes exactly its readers stale
@@ -183,11 +216,12 @@ def stand_ins(tmp_path_factory):
 
 
 def dvc_stale(root, paths: list[str]) -> dict[str, set[str]]:
-    """path -> the stages `dvc status` finds changed because the path is."""
+    """path -> the stages `dvc status` finds changed because the path (or the folder declared for it) is."""
     status = json.loads(run(["dvc", "status", "--json"], root))
     changed = {name: change["changed deps"] for name, changes in status.items()
                for change in changes if isinstance(change, dict) and "changed deps" in change}
-    return {path: {name for name, deps in changed.items() if path in deps} for path in paths}
+    return {path: {name for name, deps in changed.items() if any(covers(dep, path) for dep in deps)}
+            for path in paths}
 
 
 def dry_run(root, *args: str) -> list[tuple[str, str]]:
@@ -216,7 +250,7 @@ def snakemake_stale(root, paths: list[str]) -> dict[str, set[str]]:
 def test_an_edit_makes_exactly_the_stages_that_read_it_stale(stand_ins, declared, traced):
     """Two files edited at once: tfrecord.py decodes the training frames, deep under reader.py;
     evaluate.py loads models.py inside a function."""
-    edited = ["src/yt8m_qrnn/tfrecord.py", "src/yt8m_qrnn/models.py"]
+    edited = ["src/yt8m_qrnn/records/tfrecord.py", "src/yt8m_qrnn/models/starter.py"]
     readers = {path: {stage for stage, (script, _) in declared["dvc"].items() if path in traced[script]}
                for path in edited}
     assert readers[edited[0]] >= {"index", "bench", "train@qrnn", "evaluate@qrnn"}

@@ -37,10 +37,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from test_faults import error_line, files_under, orchestrator_workspace, run_cli, sh, small_params, write_params
-from yt8m_qrnn import stages
-from yt8m_qrnn.config import NUM_CLASSES, stage_params
-from yt8m_qrnn.index import REINDEX, read_index
-from yt8m_qrnn.io import CorruptArtifact, sha256_file
+from yt8m_qrnn.pipeline import dag as stages
+from yt8m_qrnn.pipeline.cli import stage_function
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.records.features import NUM_CLASSES
+from yt8m_qrnn.data.index_file import REINDEX, read_index
+from yt8m_qrnn.pipeline.io import CorruptArtifact, sha256_file
 
 pytestmark = pytest.mark.faults
 
@@ -108,10 +110,10 @@ def harmful_index_offset(path: Path) -> int:
 def build_in_place(params: dict) -> None:
     """generate, fetch, index and train, in this process, in the current folder."""
     write_params(Path.cwd(), params)
-    stages.generate(params)
-    stages.fetch(params)
-    stages.index(params)
-    stages.train(params, MODEL)
+    stage_function("generate")(params)
+    stage_function("fetch")(params)
+    stage_function("index")(params)
+    stage_function("train")(params, MODEL)
 
 
 @pytest.fixture(scope="module")
@@ -247,7 +249,7 @@ def test_a_shard_rotted_in_the_store_is_refused_then_fetched_again_as_advised(ws
 def test_a_flipped_checkpoint_is_not_resumed(ws, capsys):
     """A seed's finished checkpoint, kept while other seeds train (stages.train), is checked before it is
     loaded: a rerun refuses it rather than writing a model from corrupt weights."""
-    from yt8m_qrnn.train import train_model
+    from yt8m_qrnn.stages.train import train_model
 
     params = corruption_params() | {"train": corruption_params()["train"] | {"seeds": [1, 2]}}
     write_params(ws, params)

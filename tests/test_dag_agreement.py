@@ -1,4 +1,5 @@
-"""Snakemake and DVC drive the same DAG: stages, inputs, outputs, params, commands."""
+"""Snakemake and DVC drive the DAG declared in yt8m_qrnn.pipeline.dag: stages, inputs, outputs,
+params, code, commands."""
 import re
 import shutil
 import subprocess
@@ -7,7 +8,8 @@ import pytest
 import yaml
 
 from conftest import REPO, tool_env
-from yt8m_qrnn.config import params_stamp_path, stage_keys
+from yt8m_qrnn.pipeline import dag
+from yt8m_qrnn.pipeline.params import params_stamp_path, stage_keys
 
 LOG_REDIRECT = re.compile(r"\s*>\s*\S+\s+2>&1\s*$")
 JOB_HEADER = re.compile(r"\n(?=\[[^\]]+\]\n(?:local)?(?:rule|checkpoint) )")
@@ -16,7 +18,7 @@ JOB_HEADER = re.compile(r"\n(?=\[[^\]]+\]\n(?:local)?(?:rule|checkpoint) )")
 # stage: workflow/scripts/fetch.py plans, verifies or downloads every shard and publishes.
 # Snakemake splits it so that a cluster downloads the shards in parallel: the checkpoint
 # fetch_plan (which shards the params select) and one fetch_shard job per shard run the same
-# code (src/yt8m_qrnn/fetch.py), and the fetch rule gathers. So their inputs must be inputs
+# code (src/yt8m_qrnn/stages/fetch/sources.py), and the fetch rule gathers. So their inputs must be inputs
 # of DVC's fetch stage; their outputs (the plan and the per-shard records in resources/store)
 # are bookkeeping that DVC's fetch writes too but does not declare, and their command is
 # the fan-out's own script, which DVC never runs (an input of theirs only).
@@ -117,6 +119,39 @@ def test_fetch_fans_out_into_snakemake_only_helpers(fanned_out):
     dvc = dvc_stages()
     assert not set(FOLDED_INTO) & {name.split("@")[0] for name in dvc}
     assert not any("fetch_shard" in stage["cmd"] for stage in dvc.values())
+
+
+def _base(name: str) -> str:
+    return name.split("@")[0]
+
+
+def _item(name: str) -> str | None:
+    return name.split("@")[1] if "@" in name else None
+
+
+def test_dvc_is_the_declared_dag():
+    """dvc.yaml's stages: the declared ones DVC runs, each with the declared params, inputs,
+    outputs and code (its script and the params schema besides)."""
+    stages = dvc_stages()
+    assert {_base(name) for name in stages} == {s.name for s in dag.STAGES.values() if "dvc" in s.orchestrators}
+    for name, stage in stages.items():
+        base, item = _base(name), _item(name)
+        assert stage["params"] == dag.stage_keys(base, item), name
+        assert stage["outs"] == {str(p) for p in dag.outputs(base, item)}, name
+        code = set(dag.code_paths(base)) | {f"workflow/scripts/{base}.py", dag.SCHEMA}
+        inputs = {p.replace("{item}", item or "") for p in dag.stage(base).inputs}
+        assert stage["deps"] == code | inputs, name
+        assert stage["cmd"] == f"python workflow/scripts/{base}.py" + (f" --model {item}" if item else ""), name
+
+
+def test_snakemake_is_the_declared_dag(fanned_out):
+    """Every rule but `all` is a declared stage, with the declared outputs and every file of the declared code."""
+    jobs = snakemake_jobs() | {name: job for name, job in fanned_out.items() if job["stage"] == "fetch_shard"}
+    assert {job["stage"] for job in jobs.values()} == set(dag.STAGES)
+    for name, job in jobs.items():
+        base, item = job["stage"], _item(name)
+        assert job["outputs"] == {str(p) for p in dag.outputs(base, item)}, name
+        assert set(dag.code_files(base)) <= job["inputs"], name
 
 
 def test_same_stages(both):

@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from conftest import REPO, tool_env
-from yt8m_qrnn.synth import generate_mirror
+from yt8m_qrnn.stages.generate import generate_mirror
 
 GENERATE = {"seed": 5, "num_events": 6, "min_frames": 5, "max_frames": 9, "noise": 0.6,
             "splits": {"train": [2, 30], "validate": [1, 30]}}
@@ -28,9 +28,9 @@ ONE_RUN = textwrap.dedent("""
     import hashlib, json, sys
     from pathlib import Path
     import keras, numpy as np
-    from yt8m_qrnn import data as data_lib
-    from yt8m_qrnn.index import assign_subsets, index_shards
-    from yt8m_qrnn.train import train_model
+    from yt8m_qrnn.data import stream as data_lib
+    from yt8m_qrnn.stages.index import assign_subsets, index_shards
+    from yt8m_qrnn.stages.train import train_model
 
     args = json.loads(sys.argv[1])
     base, out = Path(args["mirror"]) / "2", Path(args["out"])

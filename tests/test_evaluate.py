@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from conftest import SHARED_YT8M
-from yt8m_qrnn import evaluate as ev
-from yt8m_qrnn.metrics import EvaluationMetrics, class_prior_predictions
+from yt8m_qrnn.stages import evaluate as ev
+from yt8m_qrnn.metrics.official import EvaluationMetrics, class_prior_predictions
 
 NUM_CLASSES = 30
 TOP_K = 20
@@ -229,7 +229,7 @@ def tiny_model(tmp_path):
 def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
     import tensorflow as tf
 
-    from yt8m_qrnn import data as data_lib
+    from yt8m_qrnn.data import stream as data_lib
 
     rng = np.random.default_rng(4)
     index = pd.concat([random_rows(rng, 60, "train"), random_rows(rng, 45, "eval"), random_rows(rng, 13, "test"),
@@ -279,7 +279,7 @@ def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
 
 
 def test_evaluate_model_scores_each_seed_and_their_ensemble(tmp_path, tiny_model, monkeypatch):
-    from yt8m_qrnn.stats import TopK, seed_interval, topk_metrics
+    from yt8m_qrnn.metrics.stats import TopK, seed_interval, topk_metrics
 
     test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch)
     out = tmp_path / "eval"

@@ -13,9 +13,9 @@ from google.protobuf import descriptor_pb2
 from tensorflow.core.example import example_pb2, feature_pb2
 
 from conftest import REPO
-from yt8m_qrnn import example_proto
-from yt8m_qrnn.synth import write_tfrecord
-from yt8m_qrnn.tfrecord import iter_records
+from yt8m_qrnn.records import example_proto
+from yt8m_qrnn.stages.generate import write_tfrecord
+from yt8m_qrnn.records.tfrecord import iter_records
 
 
 def tf_class(name: str):
@@ -107,7 +107,12 @@ NO_TENSORFLOW = textwrap.dedent("""
     import json
     from pathlib import Path
     import numpy as np
-    from yt8m_qrnn import example_proto, fastparse, index, reader, synth, tfrecord
+    from yt8m_qrnn.records import example_proto
+    from yt8m_qrnn.records import fastparse
+    from yt8m_qrnn.stages import index
+    from yt8m_qrnn.data import reader
+    from yt8m_qrnn.stages import generate as synth
+    from yt8m_qrnn.records import tfrecord
 
     root = Path(sys.argv[1])
     gen = {"seed": 1, "num_events": 3, "min_frames": 2, "max_frames": 6, "noise": 0.3, "splits": {"train": [2, 5]}}

@@ -28,16 +28,17 @@ from conftest_servers import MirrorServer, _parse_range, free_port
 from test_fetch import FAST, data_params, write_mirror
 from test_index import KINDS, _corrupt, make_dataset
 from test_pipeline import copy_repo, dvc_ran, snakemake_ran, tiny_params
-from yt8m_qrnn import cli, fetch, stages
-from yt8m_qrnn.fetch import FetchError, RetryPolicy, fetch_dataset
-from yt8m_qrnn.io import resource_locks
-from yt8m_qrnn.tfrecord import iter_records, read_record_at
+from yt8m_qrnn.pipeline import cli
+from yt8m_qrnn.stages.fetch import sources as fetch
+from yt8m_qrnn.pipeline import dag as stages
+from yt8m_qrnn.pipeline.cli import stage_function
+from yt8m_qrnn.stages.fetch.sources import FetchError, RetryPolicy, fetch_dataset
+from yt8m_qrnn.pipeline.io import resource_locks
+from yt8m_qrnn.records.tfrecord import iter_records, read_record_at
 
 pytestmark = pytest.mark.faults
 
 SCRIPTS = REPO / "workflow" / "scripts"
-STAGE_OF = {"generate": stages.generate, "fetch": stages.fetch, "index": stages.index, "train": stages.train,
-            "evaluate": stages.evaluate, "report": stages.report}
 TINY_GENERATE = {"seed": 5, "num_events": 4, "min_frames": 3, "max_frames": 5, "noise": 0.3,
                  "splits": {"train": [2, 24], "validate": [1, 24], "test": [1, 4]}}
 QUICK = RetryPolicy(attempts=3, base_delay=0.01, max_delay=0.02, timeout=5)
@@ -67,7 +68,7 @@ def run_cli(capsys, stage: str, *extra: str) -> tuple[int, str]:
     """A stage's command line, in-process in the current folder: (exit status, stderr)."""
     capsys.readouterr()
     try:
-        cli.run_stage(STAGE_OF[stage], takes_model=stage in ("train", "evaluate"), argv=["--params", "params.yaml", *extra])
+        cli.run_stage(stage, argv=["--params", "params.yaml", *extra])
         code = 0
     except SystemExit as exit_:
         code = exit_.code
@@ -99,7 +100,7 @@ def generated(tmp_path_factory) -> Path:
     here = os.getcwd()
     os.chdir(root)
     try:
-        stages.generate(small_params())
+        stage_function("generate")(small_params())
     finally:
         os.chdir(here)
     return root
@@ -436,14 +437,16 @@ def test_failed_stage_removes_all_its_outputs(ws, capsys, monkeypatch):
     """A stage that fails after writing some outputs leaves none, so no set of outputs is half new, half stale."""
     for stage in ("fetch", "index"):
         assert run_cli(capsys, stage)[0] == 0
-    real_write_json = stages.write_json
+    from yt8m_qrnn.stages.fetch import store
+
+    real_write_json = store.write_json
 
     def fail_on_manifest(path, obj):
         if Path(path) == stages.MANIFEST:
             raise OSError(28, "No space left on device")
         return real_write_json(path, obj)
 
-    monkeypatch.setattr(stages, "write_json", fail_on_manifest)
+    monkeypatch.setattr(store, "write_json", fail_on_manifest)
     code, err = run_cli(capsys, "fetch")
     assert code == 1 and error_line(err) == "error: [Errno 28] No space left on device"
     assert not Path("resources/yt8m").exists() and not Path("results/data/manifest.json").exists()
@@ -537,7 +540,7 @@ HOLD = """
 import sys, time
 from pathlib import Path
 sys.path.insert(0, {src!r})
-from yt8m_qrnn.io import resource_locks
+from yt8m_qrnn.pipeline.io import resource_locks
 shared, exclusive, seconds = {shared!r}, {exclusive!r}, {seconds!r}
 with resource_locks(Path("resources/locks"), shared, exclusive, owner="holder"):
     Path("held").touch()
@@ -672,7 +675,7 @@ def check_index_is_consistent(root: Path) -> None:
     """Manifest, shards and index agree: every indexed record reads back with its CRCs and id."""
     import pandas as pd
 
-    from yt8m_qrnn.index import parse_video_record
+    from yt8m_qrnn.stages.index import parse_video_record
 
     manifest = json.loads((root / "results/data/manifest.json").read_text())
     for entry in manifest["files"]:

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest_servers import MirrorServer, gcs_emulator
-from yt8m_qrnn import fetch
-from yt8m_qrnn.fetch import (FetchError, RetryPolicy, fetch_dataset, fetch_one_shard, fetch_planned, md5_file,
+from yt8m_qrnn.stages.fetch import sources as fetch
+from yt8m_qrnn.stages.fetch.sources import (FetchError, RetryPolicy, fetch_dataset, fetch_one_shard, fetch_planned, md5_file,
                              partition_keep, plan_dataset, plan_url, remote_to_local_name, select_shards,
                              shard_folder_url)
 
@@ -274,30 +274,32 @@ def test_plan_entries_that_do_not_fit_the_params_are_refused(tmp_path):
 def test_fan_out_stages_write_what_the_single_fetch_stage_writes(tmp_path, monkeypatch):
     """stages.fetch_plan + one stages.fetch_shard per shard (Snakemake) leave the plan and the
     records that stages.fetch (DVC's one stage) finds unchanged; a plan of other params is refused."""
-    from yt8m_qrnn import stages
+    from yt8m_qrnn.pipeline import dag as stages
+    from yt8m_qrnn.stages.fetch import store
+    from yt8m_qrnn.pipeline.cli import stage_function
 
     write_mirror(tmp_path / "mirror", {"train": ["trainaa.tfrecord", "trainab.tfrecord"]})
     params = {"data": data_params(f"file://{tmp_path / 'mirror'}")}
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(fetch, "RetryPolicy", lambda: FAST)
-    stages.fetch_plan(params)
+    stage_function("fetch_plan")(params)
     plan = json.loads(stages.SHARD_PLAN.read_text())
     assert [e["name"] for e in plan["shards"]] == ["2/video/train/train0000.tfrecord", "2/video/train/train0001.tfrecord"]
     for entry in plan["shards"]:
-        stages.fetch_shard(params, entry["name"])
+        stage_function("fetch_shard")(params, entry["name"])
     records = [json.loads(stages.shard_record(e["name"]).read_text()) for e in plan["shards"]]
     copied = []
     real_copy = fetch._copy_to_part
     monkeypatch.setattr(fetch, "_copy_to_part", lambda ctx, shard, *a: copied.append(shard) or real_copy(ctx, shard, *a))
-    stages.fetch(params)
+    stage_function("fetch")(params)
     assert copied == [] and json.loads(stages.SHARD_PLAN.read_text()) == plan
     assert [json.loads(stages.shard_record(e["name"]).read_text()) for e in plan["shards"]] == records
     assert json.loads(stages.MANIFEST.read_text())["files"] == records
-    assert stages.forget_stale_plan(params) is False and stages.SHARD_PLAN.exists()
+    assert store.forget_stale_plan(params) is False and stages.SHARD_PLAN.exists()
     other = {"data": params["data"] | {"shards": {"train": 1}}}
     with pytest.raises(FetchError, match="made from other data params"):
-        stages.fetch_shard(other, plan["shards"][0]["name"])
-    assert stages.forget_stale_plan(other) is True and not stages.SHARD_PLAN.exists()
+        stage_function("fetch_shard")(other, plan["shards"][0]["name"])
+    assert store.forget_stale_plan(other) is True and not stages.SHARD_PLAN.exists()
     with pytest.raises(ValueError, match="invalid shard name"):
         stages.shard_record("../../params.yaml")
 

@@ -11,9 +11,9 @@ import yaml
 
 import keras
 from conftest import REPO
-from yt8m_qrnn.config import ParamsError, load_params, validate_params
-from yt8m_qrnn.index import assign_subsets
-from yt8m_qrnn.models import build_model, trainable_parameter_count
+from yt8m_qrnn.pipeline.params import ParamsError, load_params, validate_params
+from yt8m_qrnn.stages.index import assign_subsets
+from yt8m_qrnn.models.starter import build_model, trainable_parameter_count
 
 C = 50
 D = 1152

@@ -13,10 +13,12 @@ import pyarrow.parquet as pq
 import pytest
 from tensorflow.core.example import example_pb2, feature_pb2
 
-from yt8m_qrnn import fastparse
-from yt8m_qrnn import index as ix
-from yt8m_qrnn.config import NUM_CLASSES
-from yt8m_qrnn.tfrecord import (
+from yt8m_qrnn.records import fastparse
+from yt8m_qrnn.data import index_file
+from yt8m_qrnn.records import features, video
+from yt8m_qrnn.stages import index as ix
+from yt8m_qrnn.records.features import NUM_CLASSES
+from yt8m_qrnn.records.tfrecord import (
     CorruptRecordError, RecordError, checked_layouts, crcs_match, iter_records, masked_crc, read_record_at, record_layout,
     scan_buffer, write_records,
 )
@@ -31,7 +33,7 @@ PARAMS = {"eval_splits": ["validate"], "eval_fraction": 0.5, "salt": "s", "on_ba
 def video_record(video_id, labels, version=2, rgb=None, audio=None) -> bytes:
     example = example_pb2.Example()
     feats = example.features.feature
-    feats[ix.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
+    feats[features.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
     if labels is not None:
         feats["labels"].int64_list.value.extend(labels)
     feats["mean_rgb"].float_list.value.extend(np.zeros(1024) if rgb is None else rgb)
@@ -41,7 +43,7 @@ def video_record(video_id, labels, version=2, rgb=None, audio=None) -> bytes:
 
 def frame_record(video_id, labels, rgb, audio, version=2) -> bytes:
     seq = example_pb2.SequenceExample()
-    seq.context.feature[ix.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
+    seq.context.feature[features.ID_KEYS[version]].bytes_list.value.append(video_id.encode())
     if labels is not None:
         seq.context.feature["labels"].int64_list.value.extend(labels)
     lists = seq.feature_lists.feature_list
@@ -203,7 +205,7 @@ def test_checked_layouts_finds_the_bad_files_of_a_batch(tmp_path):
 def test_errors_pickle_with_their_location():
     import pickle
 
-    for err in (CorruptRecordError("f.tfrecord", 12, "bad data crc"), ix.BadRecordError("bad\nthing").at("g", 3)):
+    for err in (CorruptRecordError("f.tfrecord", 12, "bad data crc"), video.BadRecordError("bad\nthing").at("g", 3)):
         copy = pickle.loads(pickle.dumps(err))
         assert type(copy) is type(err) and str(copy) == str(err) and "\n" not in str(copy)
 
@@ -212,19 +214,19 @@ def test_errors_pickle_with_their_location():
 
 def test_parse_video_and_frame_records():
     rng = np.random.default_rng(1)
-    assert ix.parse_video_record(video_record("ab", [5, 3]), 2, "video") == ("ab", [3, 5], 1)
-    assert ix.parse_video_record(video_record("ab", None), 2, "video") == ("ab", [], 1)
+    assert video.parse_video_record(video_record("ab", [5, 3]), 2, "video") == ("ab", [3, 5], 1)
+    assert video.parse_video_record(video_record("ab", None), 2, "video") == ("ab", [], 1)
     rgb, audio = random_frames(rng, 4)
-    assert ix.parse_video_record(frame_record("fr", [7], rgb, audio), 2, "frame") == ("fr", [7], 4)
+    assert video.parse_video_record(frame_record("fr", [7], rgb, audio), 2, "frame") == ("fr", [7], 4)
 
 
 def test_parse_2017_records_use_video_id_and_get_sorted():
     record = video_record("vid1", [4715, 2, 300], version=1)
-    assert ix.parse_video_record(record, 1, "video") == ("vid1", [2, 300, 4715], 1)
-    with pytest.raises(ix.BadRecordError, match="no 'id' feature"):
-        ix.parse_video_record(record, 2, "video")
-    with pytest.raises(ix.BadRecordError, match="label 4715 out of range"):
-        ix.parse_video_record(video_record("vid1", [4715], version=2), 2, "video")
+    assert video.parse_video_record(record, 1, "video") == ("vid1", [2, 300, 4715], 1)
+    with pytest.raises(video.BadRecordError, match="no 'id' feature"):
+        video.parse_video_record(record, 2, "video")
+    with pytest.raises(video.BadRecordError, match="label 4715 out of range"):
+        video.parse_video_record(video_record("vid1", [4715], version=2), 2, "video")
 
 
 @pytest.mark.parametrize("record, level, message", [
@@ -242,8 +244,8 @@ def test_parse_2017_records_use_video_id_and_get_sorted():
      "frame", r"'rgb' frame 1 holds byte strings of sizes \[1000\], expected one of 1024"),
 ])
 def test_parse_rejects_unusable_records(record, level, message):
-    with pytest.raises(ix.BadRecordError, match=message):
-        ix.parse_video_record(record, 2, level)
+    with pytest.raises(video.BadRecordError, match=message):
+        video.parse_video_record(record, 2, level)
 
 
 def test_frames_with_unknown_fields_take_the_slow_path():
@@ -252,28 +254,28 @@ def test_frames_with_unknown_fields_take_the_slow_path():
     first = seq.feature_lists.feature_list["rgb"].feature[0]
     first.MergeFromString(b"\x28\x01")  # an unknown varint field 5: valid, but not the usual layout
     record = seq.SerializeToString()
-    assert ix.parse_video_record(record, 2, "frame") == ("u", [1], 3)
+    assert video.parse_video_record(record, 2, "frame") == ("u", [1], 3)
     derived = example_pb2.Example.FromString(ix.derive_video_level(record, 2)).features.feature
-    expected = ix.dequantize(rgb).mean(axis=0, dtype=np.float64)
+    expected = features.dequantize(rgb).mean(axis=0, dtype=np.float64)
     np.testing.assert_allclose(derived["mean_rgb"].float_list.value, expected, atol=1e-6)
 
 
 def test_frame_with_two_byte_strings_is_rejected():
     seq = example_pb2.SequenceExample.FromString(frame_record("u", [1], *random_frames(np.random.default_rng(6), 2)))
     seq.feature_lists.feature_list["audio"].feature[1].bytes_list.value.append(b"")
-    with pytest.raises(ix.BadRecordError, match=r"'audio' frame 1 holds byte strings of sizes \[128, 0\]"):
-        ix.parse_video_record(seq.SerializeToString(), 2, "frame")
+    with pytest.raises(video.BadRecordError, match=r"'audio' frame 1 holds byte strings of sizes \[128, 0\]"):
+        video.parse_video_record(seq.SerializeToString(), 2, "frame")
 
 
 def test_parse_rejects_labels_of_the_wrong_type():
     example = example_pb2.Example.FromString(video_record("a", None))
     example.features.feature["labels"].float_list.value.append(1.0)
-    with pytest.raises(ix.BadRecordError, match="'labels' has 1 float_list values"):
-        ix.parse_video_record(example.SerializeToString(), 2, "video")
+    with pytest.raises(video.BadRecordError, match="'labels' has 1 float_list values"):
+        video.parse_video_record(example.SerializeToString(), 2, "video")
 
 
 def test_parse_ignores_the_empty_field_2_of_real_2018_records():
-    assert ix.parse_video_record(video_record("ab", [1]) + b"\x12\x00", 2, "video") == ("ab", [1], 1)
+    assert video.parse_video_record(video_record("ab", [1]) + b"\x12\x00", 2, "video") == ("ab", [1], 1)
 
 
 # ---------------------------------------------------------------- the fast path (fastparse)
@@ -307,7 +309,7 @@ def _fast(records: list[bytes], level: str, version: int = 2) -> dict[int, tuple
     buf = np.frombuffer(bytes(buf + bytes(fastparse.PADDING)), np.uint8).copy()
     recognise = fastparse.video_records if level == "video" else fastparse.frame_records
     parsed = recognise(buf, np.array(starts, np.int64), np.array([len(d) for d in records], np.int64),
-                       ix.ID_KEYS[version], NUM_CLASSES[version])
+                       features.ID_KEYS[version], NUM_CLASSES[version])
     id_ends, label_ends = np.cumsum(parsed.id_sizes), np.cumsum(parsed.label_counts)
     return {int(i): (parsed.id_bytes[id_end - size:id_end].tobytes().decode(),
                      parsed.label_values[label_end - count:label_end].tolist(), int(frames))
@@ -319,7 +321,7 @@ def _agrees_with_parser(records: list[bytes], level: str, version: int = 2) -> d
     """Assert the fast path's contract: a recognised record reads as parse_video_record reads it."""
     fast = _fast(records, level, version)
     for i, got in fast.items():
-        assert got == ix.parse_video_record(records[i], version, level), (i, records[i][:80])
+        assert got == video.parse_video_record(records[i], version, level), (i, records[i][:80])
     return fast
 
 
@@ -373,7 +375,7 @@ def test_fast_path_reads_long_and_overlong_length_fields():
     overlong = _field(0x0A, _field(0x0A, b"id") + _field(0x12, _field(0x0A, bytes_list)))
     rest = b"".join(_entry(key, "float_list", [0.0] * size) for key, size in (("mean_rgb", 1024), ("mean_audio", 128)))
     record = _field(0x0A, overlong + _entry("labels", "int64_list", [7]) + rest)
-    assert ix.parse_video_record(record, 2, "video") == ("abc", [7], 1)
+    assert video.parse_video_record(record, 2, "video") == ("abc", [7], 1)
     assert _agrees_with_parser([record], "video") == {0: ("abc", [7], 1)}
 
 
@@ -469,7 +471,7 @@ def test_rows_locate_the_features_and_keep_the_stored_crc(tmp_path):
 def test_index_shards_rows(tmp_path):
     manifest = make_dataset(tmp_path)
     df, bad = ix.index_shards(shard_list(tmp_path, manifest), 2, "fail")
-    assert bad == [] and list(df.columns) == ix.COLUMNS
+    assert bad == [] and list(df.columns) == index_file.COLUMNS
     assert len(df) == len(manifest["expected"]) == 30 + 25 + 6 + 40 + 10
     assert df["offset"].dtype == np.int64 and df["length"].dtype == np.int64 and df["num_frames"].dtype == np.int32
     for row in df.itertuples():
@@ -477,7 +479,7 @@ def test_index_shards_rows(tmp_path):
         assert row.labels == labels and row.num_frames == num_frames
         data = read_record_at(tmp_path / row.shard, row.offset)
         assert len(data) == row.length
-        assert ix.parse_video_record(data, 2, row.level)[0] == row.id
+        assert video.parse_video_record(data, 2, row.level)[0] == row.id
     assert set(df.loc[df["split"] == "test", "labels"].map(len)) == {0}
     assert df.groupby("shard").size().to_dict() == {
         f["name"]: n for f, n in zip(manifest["files"], (30, 25, 6, 40, 10))}
@@ -552,7 +554,7 @@ def test_index_rejects_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="version"):
         ix.index_shards([], 3)
     df, bad = ix.index_shards([], 2)
-    assert df.empty and list(df.columns) == ix.COLUMNS and bad == []
+    assert df.empty and list(df.columns) == index_file.COLUMNS and bad == []
 
 
 # ---------------------------------------------------------------- corruption
@@ -767,13 +769,13 @@ def test_derive_video_level_is_the_mean_of_dequantized_frames():
     got = np.concatenate([feats["mean_rgb"].float_list.value, feats["mean_audio"].float_list.value])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
     assert feats["id"].bytes_list.value == [b"vv"] and list(feats["labels"].int64_list.value) == [9, 2]
-    assert ix.parse_video_record(derived.SerializeToString(), 2, "video") == ("vv", [2, 9], 1)
+    assert video.parse_video_record(derived.SerializeToString(), 2, "video") == ("vv", [2, 9], 1)
 
 
 def test_derive_video_level_2017_unlabelled():
     rgb, audio = random_frames(np.random.default_rng(4), 2)
     derived = ix.derive_video_level(frame_record("t1", None, rgb, audio, version=1), 1)
-    assert ix.parse_video_record(derived, 1, "video") == ("t1", [], 1)
+    assert video.parse_video_record(derived, 1, "video") == ("t1", [], 1)
     assert "labels" not in example_pb2.Example.FromString(derived).features.feature
 
 
@@ -815,7 +817,7 @@ def test_real_2018_validate_shards():
         assert len(ids) and ids.str.endswith(code).all(), path.name
     row = df.iloc[12345]
     data = read_record_at(folder / Path(row["shard"]).name, row["offset"])
-    assert ix.parse_video_record(data, 2, "video")[0] == row["id"] and row["data_crc"] == masked_crc(data)
+    assert video.parse_video_record(data, 2, "video")[0] == row["id"] and row["data_crc"] == masked_crc(data)
     assert (df["rgb_at"] >= 0).all()  # every real record is in the usual layout
     rgb, audio = _feature_bytes(data, "video")
     assert data[row["rgb_at"]:row["rgb_at"] + 4096] == rgb[0]

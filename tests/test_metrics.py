@@ -1,4 +1,4 @@
-"""Tests of yt8m_qrnn.metrics against hand-computed cases and a naive loop implementation."""
+"""Tests of yt8m_qrnn.metrics.official against hand-computed cases and a naive loop implementation."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from yt8m_qrnn.metrics import (
+from yt8m_qrnn.metrics.official import (
     EvaluationMetrics,
     average_precision_from_pairs,
     class_prior_predictions,

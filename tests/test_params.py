@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tool_env
-from yt8m_qrnn.config import ParamsError, load_params, stage_params, validate_params
+from yt8m_qrnn.pipeline.params import ParamsError, load_params, stage_params, validate_params
 
 DEFAULT = yaml.safe_load((REPO / "params.yaml").read_text())
 

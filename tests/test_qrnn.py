@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import keras
-from yt8m_qrnn.qrnn import (
+from yt8m_qrnn.models.qrnn import (
     QRNN,
     QRNNStack,
     linear_recurrence_associative,

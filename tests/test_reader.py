@@ -9,11 +9,11 @@ import pandas as pd
 import pytest
 from tensorflow.core.example import example_pb2
 
-from yt8m_qrnn import data as data_lib
-from yt8m_qrnn import fastparse
-from yt8m_qrnn.index import ID_KEYS, index_shards
-from yt8m_qrnn.reader import FrameBatches, VideoBatches
-from yt8m_qrnn.tfrecord import CorruptRecordError, RecordError, iter_records, read_record_at, write_records
+from yt8m_qrnn.data import stream as data_lib
+from yt8m_qrnn.records.features import ID_KEYS
+from yt8m_qrnn.stages.index import index_shards
+from yt8m_qrnn.data.reader import FrameBatches, VideoBatches
+from yt8m_qrnn.records.tfrecord import CorruptRecordError, RecordError, iter_records, read_record_at, write_records
 
 C = 3862
 

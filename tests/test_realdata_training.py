@@ -22,10 +22,10 @@ import keras
 import numpy as np
 import pytest
 
-from yt8m_qrnn import data as data_lib
-from yt8m_qrnn.index import index_shards
-from yt8m_qrnn.metrics import EvaluationMetrics, class_prior_predictions
-from yt8m_qrnn.train import train_model
+from yt8m_qrnn.data import stream as data_lib
+from yt8m_qrnn.stages.index import index_shards
+from yt8m_qrnn.metrics.official import EvaluationMetrics, class_prior_predictions
+from yt8m_qrnn.stages.train import train_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 

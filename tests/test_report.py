@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from yt8m_qrnn import report as report_lib
-from yt8m_qrnn.report import ReportError, build_report, dvc_hash
-from yt8m_qrnn.stats import TopK
+from yt8m_qrnn.stages.report import build as report_lib
+from yt8m_qrnn.stages.report.build import ReportError, build_report, dvc_hash
+from yt8m_qrnn.metrics.stats import TopK
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MODELS = {"logistic": ("logistic", "video"), "moe": ("moe", "video"), "lstm": ("lstm", "frame"),
@@ -411,7 +411,7 @@ def test_provenance_git_dvc_lock_params_manifest(tmp_path):
     lock = {"schema": "2.0", "stages": {
         "report": {"cmd": "python workflow/scripts/report.py", "deps": [
             {"path": "results/data/manifest.json", "hash": "md5", "md5": manifest_md5, "size": 1},
-            {"path": "src/yt8m_qrnn/report.py", "hash": "md5", "md5": "0" * 32, "size": 1}]},
+            {"path": "src/yt8m_qrnn/stages/report/build.py", "hash": "md5", "md5": "0" * 32, "size": 1}]},
         "fetch": {"cmd": "python workflow/scripts/fetch.py", "outs": [
             {"path": "resources/yt8m", "hash": "md5", "md5": "1" * 32 + ".dir", "size": 1, "nfiles": 1}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
@@ -428,7 +428,7 @@ def test_provenance_git_dvc_lock_params_manifest(tmp_path):
     inputs = {row[0]: row for row in section(tables, "Inputs of this report")[1:]}
     assert inputs["`results/data/manifest.json`"][1] == f"`{manifest_md5}`"
     assert inputs["`results/data/manifest.json`"][4] == "same"
-    assert inputs["`src/yt8m_qrnn/report.py`"][4] == "changed since dvc.lock"
+    assert inputs["`src/yt8m_qrnn/stages/report/build.py`"][4] == "changed since dvc.lock"
     assert inputs["`results/eval`"][1].endswith(".dir`") and inputs["`results/eval`"][4] == "not in dvc.lock"
     assert "Every input and output recorded in dvc.lock (3 entries" in text
     assert "folder: not re-hashed" in text
@@ -444,7 +444,7 @@ def test_provenance_git_dvc_lock_params_manifest(tmp_path):
 
     (tmp_path / "src" / "yt8m_qrnn" / "report.py").write_text("# edited\n")
     text = build_report(list(DEFAULT_MODELS), {}, results, repo=tmp_path)
-    assert "**with uncommitted changes**" in text and "`src/yt8m_qrnn/report.py`" in text.split("### Inputs")[0]
+    assert "**with uncommitted changes**" in text and "`src/yt8m_qrnn/stages/report/build.py`" in text.split("### Inputs")[0]
 
 
 def test_no_git_no_dvc_lock(tmp_path, monkeypatch):

@@ -29,8 +29,10 @@ import pytest
 
 from conftest import REPO, tool_env
 from test_faults import error_line, files_under, no_temporaries, run_cli, small_params, write_params
-from yt8m_qrnn import stages, train
-from yt8m_qrnn.io import sha256_file
+from yt8m_qrnn.pipeline import dag as stages
+from yt8m_qrnn.pipeline.cli import stage_function
+from yt8m_qrnn.stages import train
+from yt8m_qrnn.pipeline.io import sha256_file
 
 pytestmark = pytest.mark.faults
 
@@ -42,7 +44,7 @@ def build_until_index(root: Path, params: dict) -> Path:
     os.chdir(root)
     try:
         write_params(root, params)
-        for stage in (stages.generate, stages.fetch, stages.index):
+        for stage in map(stage_function, ("generate", "fetch", "index")):
             stage(params)
     finally:
         os.chdir(here)
@@ -70,7 +72,7 @@ LIMITED = textwrap.dedent("""
     import resource, runpy, sys
     sys.path.insert(0, {src!r})
     import tensorflow as tf
-    import yt8m_qrnn.train  # noqa: F401  (what the stage loads, loaded before the cap)
+    import yt8m_qrnn.stages.train  # noqa: F401  (what the stage loads, loaded before the cap)
     tf.constant(1.0) + 1.0  # the runtime and its thread pools started before the cap too
     size = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmSize:"))
     resource.setrlimit(resource.RLIMIT_AS, (size + {headroom}, resource.RLIM_INFINITY))
@@ -136,7 +138,7 @@ def indexed(tmp_path_factory) -> tuple[Path, Path]:
     here = os.getcwd()
     os.chdir(root)
     try:
-        stages.train(checkpoint_params(), MODEL)
+        stage_function("train")(checkpoint_params(), MODEL)
         os.rename(stages.seed_dir(MODEL, 1), reference)
         stages.remove_outputs("train", MODEL)
     finally:

@@ -318,8 +318,8 @@ def upstream_done(workspace):
     """generate, fetch (its plan, one shard's record) and index outputs in place (empty but
     the plan, times in pipeline order), so the four train jobs are the ones to submit;
     removed afterwards."""
-    from yt8m_qrnn.config import load_params
-    from yt8m_qrnn.stages import data_params_digest
+    from yt8m_qrnn.pipeline.params import load_params
+    from yt8m_qrnn.pipeline.dag import data_params_digest
 
     made = []
     shard = "2/video/train/train0000.tfrecord"

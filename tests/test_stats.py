@@ -1,12 +1,12 @@
-"""Tests of yt8m_qrnn.stats: weighted top-k metrics against EvaluationMetrics, the seed
+"""Tests of yt8m_qrnn.metrics.stats: weighted top-k metrics against EvaluationMetrics, the seed
 interval against a hand-computed case, and the bootstrap intervals and paired test."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from yt8m_qrnn.metrics import EvaluationMetrics
-from yt8m_qrnn.stats import (
+from yt8m_qrnn.metrics.official import EvaluationMetrics
+from yt8m_qrnn.metrics.stats import (
     TopK,
     bootstrap_interval,
     paired_bootstrap,

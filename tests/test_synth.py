@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from yt8m_qrnn.quantization import dequantize, quantize
-from yt8m_qrnn.synth import ALPHABET, EventWorld, generate_mirror, label_shape
+from yt8m_qrnn.records.features import dequantize, quantize
+from yt8m_qrnn.stages.generate import ALPHABET, EventWorld, generate_mirror, label_shape
 
 SMALL = {"seed": 3, "num_events": 5, "min_frames": 6, "max_frames": 12, "noise": 0.3,
          "splits": {"train": [2, 30], "validate": [1, 20], "test": [1, 10]}}
@@ -157,7 +157,7 @@ def test_generation_is_deterministic(tmp_path):
 
 def test_generation_is_deterministic_across_processes(tmp_path):
     """Protobuf's map order may change from one process to the next; the bytes must not."""
-    script = ("import sys, json; from pathlib import Path; from yt8m_qrnn.synth import generate_mirror; "
+    script = ("import sys, json; from pathlib import Path; from yt8m_qrnn.stages.generate import generate_mirror; "
               "generate_mirror(json.loads(sys.argv[1]), 2, 3862, Path(sys.argv[2]))")
     for name in ("a", "b"):
         subprocess.run([sys.executable, "-c", script, json.dumps(SMALL), str(tmp_path / name)], check=True)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -19,10 +18,10 @@ import pytest
 
 import keras
 from conftest import REPO, tool_env
-from yt8m_qrnn import data as data_lib
-from yt8m_qrnn.index import assign_subsets, index_shards
-from yt8m_qrnn.synth import generate_mirror
-from yt8m_qrnn.train import ClippedAdam, TrainingInterrupted, learning_rate_schedule, make_optimizer, train_model
+from yt8m_qrnn.data import stream as data_lib
+from yt8m_qrnn.stages.index import assign_subsets, index_shards
+from yt8m_qrnn.stages.generate import generate_mirror
+from yt8m_qrnn.stages.train import ClippedAdam, TrainingInterrupted, learning_rate_schedule, make_optimizer, train_model
 
 C = 3862
 TRAIN = {"seed": 1, "learning_rate_decay": 0.95, "learning_rate_decay_examples": 4_000_000,
@@ -116,7 +115,7 @@ def stored_frames(path, offset) -> np.ndarray:
     """[frames, 1152] uint8: the record's rgb and audio bytes as protobuf reads them."""
     from tensorflow.core.example import example_pb2
 
-    from yt8m_qrnn.tfrecord import read_record_at
+    from yt8m_qrnn.records.tfrecord import read_record_at
 
     example = example_pb2.SequenceExample.FromString(read_record_at(path, int(offset)))
     lists = example.feature_lists.feature_list
@@ -174,7 +173,7 @@ def test_optimizer_is_tf1_adam_with_per_variable_clipping():
 
 
 def test_train_writes_model_history_and_stats(tiny, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="yt8m_qrnn.train")
+    caplog.set_level(logging.INFO, logger="yt8m_qrnn.stages.train")
     stats = run_training(tiny, tmp_path)
     out = tmp_path / "out"
     rows = data_lib.subset_rows(tiny["index"], "train", "video")
@@ -209,7 +208,7 @@ def test_mixed_precision_trains_and_saves_float32(tiny, tmp_path):
 CHILD = textwrap.dedent("""
     import json, sys, time
     from pathlib import Path
-    import yt8m_qrnn.train as train
+    import yt8m_qrnn.stages.train as train
     args = json.loads(sys.argv[1])
     original = train.StepLogger.on_train_batch_end
     def slow(self, batch, logs=None):  # slow enough to be stopped mid-run
@@ -313,7 +312,7 @@ MIRRORED_CHILD = textwrap.dedent("""
     import tensorflow as tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from yt8m_qrnn.train import train_model
+    from yt8m_qrnn.stages.train import train_model
     args = json.loads(sys.argv[1])
     for run, distribute, batch in (("single", "none", 16), ("mirrored", "mirrored", 8)):
         stats = train_model("m", args["model"] | {"batch_size": batch}, args["train"] | {"distribute": distribute},
@@ -361,9 +360,9 @@ def test_unknown_strategy_and_precision_are_errors(tiny, tmp_path):
 MULTI_WORKER_CHILD = textwrap.dedent("""
     import json, logging, sys, time
     from pathlib import Path
-    import yt8m_qrnn.cli, yt8m_qrnn.stages  # what workflow/scripts/train.py imports before training
+    import yt8m_qrnn.pipeline.cli, yt8m_qrnn.pipeline.dag  # what workflow/scripts/train.py imports before training
     logging.basicConfig(level=logging.INFO)
-    import yt8m_qrnn.train as train
+    import yt8m_qrnn.stages.train as train
     args = json.loads(sys.argv[1])
     if args["sleep"]:
         original = train.StepLogger.on_train_batch_end
@@ -489,7 +488,7 @@ def test_multi_worker_strategy_can_be_made_after_the_stage_imports():
     """MultiWorkerMirroredStrategy configures collective ops at TensorFlow's startup: nothing the train
     stage imports, nor train_model before making it, may start the runtime (without TF_CONFIG: one worker)."""
     code = textwrap.dedent("""
-        import yt8m_qrnn.cli, yt8m_qrnn.stages, yt8m_qrnn.train as train
+        import yt8m_qrnn.pipeline.cli, yt8m_qrnn.pipeline.dag, yt8m_qrnn.stages.train as train
         strategy = train.make_strategy("multi_worker")
         print("REPLICAS", strategy.num_replicas_in_sync, strategy.extended.should_checkpoint)
     """)
@@ -514,7 +513,7 @@ def tiny_with_validation(tiny, tmp_path_factory) -> dict:
 
 
 def validation_gap(model_path: Path, tiny) -> float:
-    from yt8m_qrnn.metrics import EvaluationMetrics
+    from yt8m_qrnn.metrics.official import EvaluationMetrics
 
     model = keras.saving.load_model(model_path, compile=False)
     rows = data_lib.subset_rows(tiny["index"], "valid", "video")
@@ -553,14 +552,15 @@ def test_training_stops_after_patience_epochs_without_a_better_gap(tiny_with_val
 
 
 def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validation, tmp_path, monkeypatch):
-    from yt8m_qrnn import stages
+    from yt8m_qrnn.pipeline import dag as stages
+    from yt8m_qrnn.pipeline.cli import stage_function
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
     monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
     params = {"data": {"version": 2}, "models": {"m": LOGISTIC | {"epochs": 3}},
               "train": {k: v for k, v in TRAIN.items() if k != "seed"} | {"seeds": [4, 9], "patience": 1}}
-    stages.train(params, "m")
+    stage_function("train")(params, "m")
     summary = json.loads(Path("results/models/m/train_stats.json").read_text())
     assert summary["seeds"] == [4, 9] and [s["seed"] for s in summary["per_seed"]] == [4, 9]
     assert summary["best_epochs"] == [s["best_epoch"] for s in summary["per_seed"]]
@@ -577,7 +577,8 @@ def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validati
 def test_the_seeds_folder_appears_only_with_every_seed_in_it(tiny_with_validation, tmp_path, monkeypatch):
     """A kill during the second seed leaves no seeds folder under its final name (Snakemake would
     take a half-filled folder for an incomplete output); the finished seed waits in the work folder."""
-    from yt8m_qrnn import stages
+    from yt8m_qrnn.pipeline import dag as stages
+    from yt8m_qrnn.pipeline.cli import stage_function
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
@@ -590,17 +591,17 @@ def test_the_seeds_folder_appears_only_with_every_seed_in_it(tiny_with_validatio
             raise KeyboardInterrupt("killed")
         return real_train_model(*args, **kwargs)
 
-    monkeypatch.setattr("yt8m_qrnn.train.train_model", killed_at_second_seed)
+    monkeypatch.setattr("yt8m_qrnn.stages.train.train_model", killed_at_second_seed)
     params = {"data": {"version": 2}, "models": {"m": LOGISTIC | {"epochs": 1}},
               "train": {k: v for k, v in TRAIN.items() if k != "seed"} | {"seeds": [4, 9], "patience": 1}}
     with pytest.raises(KeyboardInterrupt):
-        stages.train(params, "m")
+        stage_function("train")(params, "m")
     assert not Path("results/models/m/seeds").exists()
     assert (calls[0] / "model.keras").is_file() and stages.TRAIN_WORK in calls[0].parents
 
 
 def stages_train_model():
-    from yt8m_qrnn.train import train_model
+    from yt8m_qrnn.stages.train import train_model
 
     return train_model
 
@@ -608,7 +609,8 @@ def stages_train_model():
 def test_a_rerun_of_the_train_stage_does_not_train_a_finished_seed_again(tiny_with_validation, tmp_path, monkeypatch,
                                                                           caplog):
     """Killed after its first seed: the declared outputs are gone, the finished seed's checkpoint is not."""
-    from yt8m_qrnn import stages
+    from yt8m_qrnn.pipeline import dag as stages
+    from yt8m_qrnn.pipeline.cli import stage_function
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
@@ -619,7 +621,7 @@ def test_a_rerun_of_the_train_stage_does_not_train_a_finished_seed_again(tiny_wi
                         data_root=stages.DATA_ROOT, index_path=stages.INDEX, out_dir=tmp_path / "gone",
                         work_dir=stages.TRAIN_WORK / "m", keep_checkpoint=True)
     caplog.set_level(logging.INFO, logger="yt8m_qrnn")
-    stages.train({"data": {"version": 2}, "models": {"m": model_cfg}, "train": train_cfg | {"seeds": [4, 9]}}, "m")
+    stage_function("train")({"data": {"version": 2}, "models": {"m": model_cfg}, "train": train_cfg | {"seeds": [4, 9]}}, "m")
     messages = [r.getMessage() for r in caplog.records]
     assert sum("finished before (2 epochs" in m for m in messages) == 1  # seed 4: nothing left to train
     assert not any("resuming at epoch" in m for m in messages)

@@ -1,5 +1,5 @@
 # The speed of one QRNN layer against one LSTM layer, and of the input pipeline
-# (yt8m_qrnn.bench). The report shows it; bench.grid / bench.shape in params.yaml pick
+# (yt8m_qrnn.stages.bench). The report shows it; bench.grid / bench.shape in params.yaml pick
 # the paper's Figure 4 grid and the YouTube-8M shape (defaults: a small grid, ~1 min).
 sync_params_stamp(config, "bench")
 

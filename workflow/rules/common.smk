@@ -4,13 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
 
 REPO = Path(workflow.basedir).parent  # the Snakefile is workflow/Snakefile
 sys.path.insert(0, str(REPO / "src"))
 
-from yt8m_qrnn.config import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
-from yt8m_qrnn.stages import SHARD_PLAN, SHARD_RECORDS, data_params_digest, forget_stale_plan, shard_record  # noqa: E402
+from yt8m_qrnn.pipeline.params import ParamsError, benchmark_path, sync_params_stamp, validate_params  # noqa: E402
+from yt8m_qrnn.pipeline.dag import SHARD_PLAN, SHARD_RECORDS, code_files, shard_record  # noqa: E402
+from yt8m_qrnn.stages.fetch.store import data_params_digest, forget_stale_plan  # noqa: E402
 
 try:
     validate_params(config, source="params.yaml")
@@ -21,22 +21,17 @@ MODELS = config["run_models"]
 CONDA_ENV = "../envs/pipeline.yaml"
 SCRIPTS = "workflow/scripts"
 
-# Each rule's code inputs: its DVC stage's code deps in dvc.yaml (every repository file the
-# stage's process reads; tests/test_code_deps.py traces them), less the script, a named input.
-with open(REPO / "dvc.yaml") as handle:
-    DVC_STAGES = yaml.safe_load(handle)["stages"]
-
-
+# Each rule's code inputs: its stage's code in the DAG's declaration (yt8m_qrnn.pipeline.dag),
+# as files, with the params schema; tests/test_code_deps.py traces what each stage imports.
 def code_deps(stage):
-    spec = DVC_STAGES[stage].get("do", DVC_STAGES[stage])  # train and evaluate: foreach ... do
-    return [dep for dep in spec["deps"] if dep.startswith(("src/", "workflow/schemas/"))]
+    return ["workflow/schemas/params.schema.yaml"] + code_files(stage)
 
 
 wildcard_constraints:
     model="|".join(MODELS),
 
 
-# Each stage's params.yaml keys (yt8m_qrnn.config.STAGE_PARAMS) in a stamp file that
+# Each stage's params.yaml keys (yt8m_qrnn.pipeline.dag.STAGES) in a stamp file that
 # is rewritten only when they change; the rules take it as input, and the default
 # profile reruns on mtime, so a params change reruns exactly the stages that read it.
 for stage in ("generate", "fetch", "index", "report"):

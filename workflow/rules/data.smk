@@ -29,7 +29,7 @@ rule generate:
 # the fetch rule's own inputs, as in dvc.yaml. So the helpers take the params stamp, the
 # mirror and their code as ancient (their times, e.g. after restore_mtimes.py or an edit to
 # the code, which reruns the fetch itself, rerun nothing); a plan made
-# from other data params is removed when Snakemake starts (stages.forget_stale_plan), and
+# from other data params is removed when Snakemake starts (yt8m_qrnn.stages.fetch.store.forget_stale_plan), and
 # the checkpoint makes it again. Missing records (a workspace filled by `dvc pull`) are made
 # only when the fetch job has to run.
 # The generated mirror feeds the fetch only when it is the data source: with real data, an edit
@@ -65,7 +65,7 @@ rule fetch_shard:
         script=ancient(f"{SCRIPTS}/fetch_shard.py"),
         code=[ancient(path) for path in code_deps("fetch")],
     output:
-        record=f"{SHARD_RECORDS}/{{shard}}.json",  # stages.shard_record
+        record=f"{SHARD_RECORDS}/{{shard}}.json",  # dag.shard_record
     wildcard_constraints:
         shard=r"\d+/[a-z_]+/[a-z_]+/[a-z_]+\d{4}\.tfrecord",
     log:

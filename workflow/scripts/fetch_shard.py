@@ -1,4 +1,4 @@
-"""Snakemake's fan-out of the fetch stage: see yt8m_qrnn.stages.fetch_plan and fetch_shard.
+"""Snakemake's fan-out of the fetch stage: see yt8m_qrnn.stages.fetch.store.plan and shard.
 
     python workflow/scripts/fetch_shard.py --plan          # -> resources/store/plan.json
     python workflow/scripts/fetch_shard.py --shard 2/frame/train/train0000.tfrecord
@@ -6,7 +6,7 @@
 
 DVC runs the fetch as one stage (workflow/scripts/fetch.py does the plan, every shard and
 the publishing); these two are only for a cluster that downloads shards in parallel.
-Like every stage: params checked first, locks (stages.locks), one-line errors, and a
+Like every stage: params checked first, locks (dag.locks), one-line errors, and a
 failed run leaves none of its outputs.
 """
 import argparse
@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-from yt8m_qrnn import stages  # noqa: E402
-from yt8m_qrnn.cli import EXPECTED_ERRORS, fail, guarded  # noqa: E402
-from yt8m_qrnn.config import load_params  # noqa: E402
+from yt8m_qrnn.pipeline.cli import EXPECTED_ERRORS, fail, guarded  # noqa: E402
+from yt8m_qrnn.pipeline.params import load_params  # noqa: E402
+from yt8m_qrnn.stages.fetch import store  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -31,8 +31,8 @@ def main(argv=None) -> None:
     stage, shard = ("fetch_plan", None) if args.plan else ("fetch_shard", args.shard)
     try:
         params = load_params(args.params)
-        with guarded(stage, shard, params):  # stages.locks also checks the shard's name
-            stages.fetch_plan(params) if args.plan else stages.fetch_shard(params, shard)
+        with guarded(stage, shard, params):  # dag.locks also checks the shard's name
+            store.plan(params) if args.plan else store.shard(params, shard)
     except EXPECTED_ERRORS as err:
         fail(str(err))
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
-from yt8m_qrnn.config import benchmark_path, load_params, params_stamp_path, sync_params_stamp  # noqa: E402
+from yt8m_qrnn.pipeline.params import benchmark_path, load_params, sync_params_stamp  # noqa: E402
 
 STEP = 1.0  # seconds between a stage's outputs and those of the stages it depends on
 

@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -56,21 +57,26 @@ def check_sha256(path: Path, recorded: str, record: Path, fix: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(final: Path, suffix: str | None = None):
+def atomic_path(final: Path, suffix: str | None = None, *, durable: bool = False):
     """Yield a temporary path beside `final`; rename it to `final` only if the block succeeds.
 
-    The final name only ever holds a complete file: on any error the temporary is
-    removed and `final` is left as it was. An OSError while writing (disk full, quota,
-    read-only or unwritable folder) is raised as OutputWriteError naming `final`.
-    The temporary name ends as `final` does: in `suffix` when given (a writer may insist
-    on ".weights.h5"), else in its last suffix.
+    The one way the package writes a file (atomic_folder: a folder). The final name only
+    ever holds a complete file: on any error the temporary is removed and `final` is left
+    as it was. An OSError while writing (disk full, quota, read-only or unwritable folder)
+    is raised as OutputWriteError naming `final`. The temporary name ends as `final` does:
+    in `suffix` when given (a writer may insist on ".weights.h5"), else in its last suffix;
+    it carries the pid (and the thread, off the main one), so writers never share one.
+    `durable`: the file's bytes reach the disk before the rename (a record a restart trusts).
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     suffix = final.suffix if suffix is None else suffix
-    tmp = final.with_name(f".{final.name.removesuffix(suffix)}.tmp{os.getpid()}{suffix}")
+    tmp = final.with_name(f".{final.name.removesuffix(suffix)}.tmp{_writer_tag()}{suffix}")
     try:
         yield tmp
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, final)
     except OSError as err:
         about_output = err.filename is None or Path(err.filename) in (tmp, final)
@@ -82,6 +88,11 @@ def atomic_path(final: Path, suffix: str | None = None):
             tmp.unlink()
 
 
+def _writer_tag() -> str:
+    main = threading.current_thread() is threading.main_thread()
+    return str(os.getpid()) if main else f"{os.getpid()}-{threading.get_ident()}"
+
+
 @contextlib.contextmanager
 def atomic_folder(final: Path):
     """Yield a new empty folder beside `final`; it replaces `final` only if the block succeeds.
@@ -91,7 +102,7 @@ def atomic_folder(final: Path):
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    tmp = final.with_name(f".{final.name}.tmp{_writer_tag()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -104,8 +115,7 @@ def atomic_folder(final: Path):
 
 def remove_stale_temporaries(final: Path) -> list[Path]:
     """Remove what writers killed mid-write left beside `final`: the temporaries of atomic_path,
-    atomic_folder and publish_shards (".<name>.tmp<pid>...", ".<stem>.tmp<pid><suffix>",
-    ".<name>.old<pid>"). Their names carry the dead writer's pid, so no later writer reuses
+    atomic_folder (".<name>.tmp<pid>...", ".<stem>.tmp<pid><suffix>"). Their names carry the dead writer's pid, so no later writer reuses
     them. Call it holding the lock on `final`: no other live writer then has one (this
     process's own are kept)."""
     final = Path(final)

@@ -19,20 +19,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
+import logging
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
 import numpy as np
 
-from .example_proto import Example, SequenceExample
-from .quantization import dequantize, quantize
-from .tfrecord import write_records
+from yt8m_qrnn.pipeline.dag import GENERATED_MIRROR
+from yt8m_qrnn.pipeline.io import atomic_folder
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.records.example_proto import Example, SequenceExample
+from yt8m_qrnn.records.features import (
+    FEATURE_DIM,
+    NUM_CLASSES,
+    RGB_DIM,
+    dequantize,
+    quantize,
+)
+from yt8m_qrnn.records.tfrecord import write_records
 
-RGB_DIM, AUDIO_DIM = 1024, 128
-FEATURE_DIM = RGB_DIM + AUDIO_DIM
 ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 PROTOTYPE_SCALE = 0.5
 BLANK = -1
@@ -162,8 +168,12 @@ def generate_mirror(gen: dict, version: int, num_classes: int, root: Path) -> di
     rng = np.random.default_rng(gen["seed"])
     world = EventWorld(gen["num_events"], num_classes, gen["noise"], rng)
     ids = IdAllocator(rng)
-    tmp = root.with_name(root.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_folder(root) as tmp:
+        return _write_mirror(tmp, gen, version, world, ids, rng)
+
+
+def _write_mirror(tmp: Path, gen: dict, version: int, world: EventWorld, ids: IdAllocator,
+                  rng: np.random.Generator) -> dict:
     plans: dict[str, dict[str, str]] = {}
     counts = {}
     for split, (num_shards, per_shard) in gen["splits"].items():
@@ -187,7 +197,16 @@ def generate_mirror(gen: dict, version: int, num_classes: int, root: Path) -> di
     summary = {"videos": counts, "class_events": world.event.tolist(),
                "ends_with_classes": np.flatnonzero(world.ends_with).tolist()}
     (tmp / "GENERATED.json").write_text(json.dumps(summary, indent=1))
-    if root.exists():
-        shutil.rmtree(root)
-    os.replace(tmp, root)
     return summary
+
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict) -> None:
+    gen = stage_params(params, "generate")["generate"]
+    # The generated data always has the 2018 format; its mirror mimics version 2.
+    summary = generate_mirror(gen, version=2, num_classes=NUM_CLASSES[2], root=GENERATED_MIRROR)
+    log.info("generated %s videos under %s", summary["videos"], GENERATED_MIRROR)

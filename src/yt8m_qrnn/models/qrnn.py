@@ -197,7 +197,7 @@ LINEAR_RECURRENCES = {
 # Since then the sequential scan's gradient is its adjoint scan (_sequential_scan) and
 # the convolution is one matmul per window offset (QRNN._pre_activations). Measured
 # on the same 2-core CPU (TensorFlow 2.21, the layer's training step as
-# yt8m_qrnn.bench times it: forward + gradient w.r.t. inputs and weights of
+# yt8m_qrnn.stages.bench times it: forward + gradient w.r.t. inputs and weights of
 # mean(h^2); old and new layers with the same weights, interleaved in one process,
 # median of 5-9 steps; the machine was shared, so also the process CPU time):
 #   B=128, T=300, D=1152, H=1024:  layer  5.41-6.66 -> 5.21-5.45 s wall, 10.62 -> 10.28 s CPU

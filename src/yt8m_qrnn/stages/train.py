@@ -1,6 +1,6 @@
 """Train one model from the index: distributed, checkpointed, resumable, logged.
 
-The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data), with:
+The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data.stream), with:
 
 - Devices (train.distribute): "auto" mirrors the model over every visible GPU with
   tf.distribute.MirroredStrategy when there are several and uses the default device
@@ -65,7 +65,6 @@ import csv
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -79,13 +78,27 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from . import data as data_lib
-from .index import read_index
-from .io import StageError, atomic_path, check_sha256, config_digest, sha256_file, write_json
-from .metrics import EvaluationMetrics
-from .models import build_model, starter_cross_entropy, trainable_parameter_count
+from yt8m_qrnn.data import stream as data_lib
+from yt8m_qrnn.data.index_file import read_index
+from yt8m_qrnn.metrics.official import EvaluationMetrics
+from yt8m_qrnn.models.starter import (
+    build_model,
+    starter_cross_entropy,
+    trainable_parameter_count,
+)
+from yt8m_qrnn.pipeline.dag import DATA_ROOT, INDEX, TRAIN_WORK, model_dir
+from yt8m_qrnn.pipeline.io import (
+    StageError,
+    atomic_path,
+    check_sha256,
+    config_digest,
+    sha256_file,
+    write_json,
+)
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.records.features import NUM_CLASSES
 
-log = logging.getLogger("yt8m_qrnn.train")
+log = logging.getLogger("yt8m_qrnn.stages.train")
 
 ADAM_EPSILON = 1e-8  # tf.train.AdamOptimizer's default
 TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0, "patience": 0}
@@ -752,3 +765,32 @@ def write_seed_summary(name: str, runs: list[tuple[int, dict]], out_dir: Path) -
     write_json(out_dir / "train_stats.json", summary)
     log.info("%s: %d seeds, epochs kept %s", name, len(runs), summary["best_epochs"])
     return summary
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict, model: str) -> None:
+    """Trains the model once per seed (train.seeds), then writes the seeds' summary and joint history.
+
+    A finished seed keeps its checkpoint until every seed is done, so a rerun after a kill
+    trains only the seeds not yet finished (the declared outputs are deleted before a rerun).
+    The seeds are written under the work folder and renamed into place once all are done:
+    the final name never holds some seeds of a run.
+    """
+    p = stage_params(params, "train", model)
+    version = p["data"]["version"]
+    train_cfg = {k: v for k, v in p["train"].items() if k != "seeds"}
+    runs, staged = [], TRAIN_WORK / model / "seeds"
+    for number, seed in enumerate(p["train"]["seeds"], start=1):
+        log.info("%s: seed %d (%d of %d)", model, seed, number, len(p["train"]["seeds"]))
+        stats = train_model(model, p["models"][model], train_cfg | {"seed": seed}, version=version,
+                            num_classes=NUM_CLASSES[version], data_root=DATA_ROOT, index_path=INDEX,
+                            out_dir=staged / f"seed-{seed}", work_dir=TRAIN_WORK / model, keep_checkpoint=True)
+        log.info("trained %s seed %d: %d parameters, epoch %d of %d kept, %.1f examples/s", model, seed,
+                 stats["parameters"], stats["best_epoch"], stats["epochs"], stats["examples_per_second"])
+        runs.append((seed, stats))
+    shutil.rmtree(model_dir(model) / "seeds", ignore_errors=True)  # a stale one, when the orchestrator left it
+    model_dir(model).mkdir(parents=True, exist_ok=True)
+    os.replace(staged, model_dir(model) / "seeds")
+    write_seed_summary(model, runs, model_dir(model))
+    shutil.rmtree(TRAIN_WORK / model, ignore_errors=True)  # every seed is done; the outputs are the record

@@ -56,6 +56,8 @@ from urllib.parse import urlsplit, urlunsplit
 import aiohttp
 import fsspec
 
+from yt8m_qrnn.pipeline.io import atomic_path
+
 BASE62 = string.ascii_lowercase + string.ascii_uppercase + string.digits
 OFFICIAL_HOST = "data.yt8m.org"
 PART_SUFFIX = ".part"
@@ -284,19 +286,11 @@ def _write_sidecar(final: Path, record: dict) -> None:
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
-        with open(tmp, "w") as handle:
-            json.dump(payload, handle, indent=1, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path, durable=True) as tmp:
+            tmp.write_text(json.dumps(payload, indent=1, sort_keys=True) + "\n")
     except OSError as err:
         raise FetchError(f"cannot write {path}: {_reason(err)}") from None
-    finally:
-        _remove(tmp)
 
 
 def _hash_problem(expected: Expected, size: int, md5: str, crc32c: str | None) -> str | None:

@@ -21,7 +21,7 @@ losses.py, train.py of google/youtube-8m, 2018) and its flag defaults:
   (also at inference, as the starter), batch norm, projection to `cluster_size` (8192),
   batch norm, relu6, max pooling over the samples, projection to `hidden_size` (1024),
   batch norm, relu6 -> MoE;
-- qrnn: a QRNNStack (yt8m_qrnn.qrnn) whose last layer's final state feeds an MoE head,
+- qrnn: a QRNNStack (yt8m_qrnn.models.qrnn) whose last layer's final state feeds an MoE head,
   like the LSTM; at level "video" the 1152-d video vector is a sequence of one step, so
   window 1 and no zoneout: each layer is h = o * (1 - f) * z, a gated feed-forward layer
   (fo-pooling from an empty state), and every parameter trains.
@@ -45,11 +45,10 @@ import math
 import keras
 from keras import layers, ops
 
-from .config import KIND_LEVELS
-from .quantization import BIAS, SCALE
-from .qrnn import QRNNStack
+from yt8m_qrnn.models.qrnn import QRNNStack
+from yt8m_qrnn.models.registry import KIND_LEVELS
+from yt8m_qrnn.records.features import BIAS, FEATURE_DIM, SCALE
 
-FEATURE_DIM = 1152
 LOSS_EPSILON = 1e-5
 STARTER_FORGET_BIAS = 1.0
 

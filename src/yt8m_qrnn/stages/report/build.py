@@ -27,9 +27,10 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from . import comparison
-from .io import atomic_path, write_text
-from .machine import cpu_model
+from yt8m_qrnn.pipeline.io import atomic_path, write_text
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.pipeline.provenance import cpu_model
+from yt8m_qrnn.stages.report import comparison
 
 REFERENCE = Path(__file__).with_name("paper_numbers.yaml")
 GENERATED_BANNER = (
@@ -700,7 +701,7 @@ def _rates(read: dict) -> dict:
 
 
 def pipeline_lines(pipeline: dict) -> list[str]:
-    """The input pipeline measurements (yt8m_qrnn.bench's input_pipeline.json): a table per set of shards."""
+    """The input pipeline measurements (yt8m_qrnn.stages.bench's input_pipeline.json): a table per set of shards."""
     lines, target = [], pipeline["target_run"]
     for name, run in sorted(pipeline["runs"].items(), key=lambda item: item[0] != target):  # the target's first
         raw, stream = run["raw"], run["pipeline"]
@@ -713,8 +714,8 @@ def pipeline_lines(pipeline: dict) -> list[str]:
             markdown_table(pd.DataFrame([
                 {"Read": "raw `tf.data.TFRecordDataset` of the files", **_rates(raw)},
                 {"Read": "the stream's batches built one after another in one thread, without tf.data "
-                         "(`yt8m_qrnn.reader.FrameBatches`)", **_rates(run["batches_only"])},
-                {"Read": "training stream (`yt8m_qrnn.data`: shuffle, read at the index's offsets, check CRCs, "
+                         "(`yt8m_qrnn.data.reader.FrameBatches`)", **_rates(run["batches_only"])},
+                {"Read": "training stream (`yt8m_qrnn.data.stream`: shuffle, read at the index's offsets, check CRCs, "
                          "copy the frames, pad, batch ahead of the consumer)", **_rates(stream)},
             ])),
             "",
@@ -727,7 +728,7 @@ def pipeline_lines(pipeline: dict) -> list[str]:
 
 
 def bench_section(results: Path) -> list[str]:
-    """Part 6, "QRNN speed": results/bench/ (yt8m_qrnn.bench) as tables, the targets marked met or not, the figure."""
+    """Part 6, "QRNN speed": results/bench/ (yt8m_qrnn.stages.bench) as tables, the targets marked met or not, the figure."""
     folder = Path(results) / "bench"
     lines = ["## 6. QRNN speed", ""]
     if not (folder / "summary.json").exists():
@@ -745,7 +746,7 @@ def bench_section(results: Path) -> list[str]:
         load = env["load_average_start"]
         versions = env["versions"]
         lines += [
-            f"Measured by the bench stage (`src/yt8m_qrnn/bench.py`, files in `results/bench/`) on "
+            f"Measured by the bench stage (`src/yt8m_qrnn/stages/bench.py`, files in `results/bench/`) on "
             f"**{env['device']}** ({env['cpus_usable']} usable of {env['cpu_count']} CPUs"
             + ("; no GPU visible to TensorFlow" if not env.get("gpus") else "")
             + f"), Keras {versions['keras']} on {env['backend']} {versions['tensorflow']}, numpy {versions['numpy']}, "
@@ -1160,13 +1161,13 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         f"{len(manifest.get('files', []))} shards (see Provenance).\n",
         f"Models in this run: {', '.join(f'{r.name} ({r.kind}, {r.level} level)' for r in runs)}. "
         f"Evaluated on the held-out `eval` subset ({eval_sizes} videos) "
-        f"with the official YouTube-8M 2018 metrics (`src/yt8m_qrnn/metrics.py`). Built {built}.",
+        f"with the official YouTube-8M 2018 metrics (`src/yt8m_qrnn/metrics/official.py`). Built {built}.",
         "",
         f"Split: {split}",
         "",
         f"Every number of this run reads **mean ± half width [low, high]**: the mean over the training seeds, "
         f"the half width of its 95% Student-t interval over the seeds, and the 95% bootstrap interval of that "
-        f"mean over the evaluation videos ({resamples} resamples, percentile; `src/yt8m_qrnn/stats.py`, "
+        f"mean over the evaluation videos ({resamples} resamples, percentile; `src/yt8m_qrnn/metrics/stats.py`, "
         "scipy). Each seed's epoch is chosen on the validation videos (section 3, and the validation curves).",
         "",
         "## Verdict",
@@ -1250,7 +1251,7 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "### Params of each stage",
         "",
         "From `results/params/<stage>.json`, the params.yaml keys each stage reads (`dvc.yaml`, "
-        "`yt8m_qrnn.config.STAGE_PARAMS`).",
+        "`yt8m_qrnn.pipeline.dag.STAGES`).",
         "",
         markdown_table(params_table(results, models)),
         "",
@@ -1270,7 +1271,7 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
         "",
         "### Reference numbers",
         "",
-        f"From `src/yt8m_qrnn/paper_numbers.yaml`; model size limit of the 2018 challenge: "
+        f"From `src/yt8m_qrnn/stages/report/paper_numbers.yaml`; model size limit of the 2018 challenge: "
         f"{reference.get('challenge_model_size_limit_label', reference['challenge_model_size_limit_mb'])}.",
         "",
         *[f"- {_source_short(reference, key)}: {_source_cite(reference, key)}" for key in reference["sources"]],
@@ -1280,3 +1281,10 @@ def build_report(models: list[str], report_cfg: dict, results: Path, *, repo: Pa
     text = "\n".join(parts)
     write_text(results / "report.md", text)
     return text
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict) -> None:
+    p = stage_params(params, "report")
+    build_report(p["run_models"], p["report"], Path("results"))

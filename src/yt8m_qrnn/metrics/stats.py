@@ -5,7 +5,7 @@ evaluation videos, reduced to what the metrics need: each video's top-k (class, 
 is-label) triples, its labels, and its Hit@1 and PERR. `topk_metrics` computes GAP,
 MAP, Hit@1 and PERR from it with every video counted a whole number of times, which is
 what a bootstrap resample of the videos amounts to. With every video counted once the
-result equals `yt8m_qrnn.metrics.EvaluationMetrics` (same top-k and tie rules).
+result equals `yt8m_qrnn.metrics.official.EvaluationMetrics` (same top-k and tie rules).
 
 The statistics come from scipy: Student-t intervals over seeds (`seed_interval`), and
 `scipy.stats.bootstrap` over the evaluation videos (`bootstrap_interval`, and the paired
@@ -21,8 +21,12 @@ from typing import Callable, NamedTuple, Sequence
 import numpy as np
 import scipy.stats
 
-from yt8m_qrnn.io import atomic_path
-from yt8m_qrnn.metrics import hit_at_one_per_video, perr_per_video, top_k_by_row
+from yt8m_qrnn.metrics.official import (
+    hit_at_one_per_video,
+    perr_per_video,
+    top_k_by_row,
+)
+from yt8m_qrnn.pipeline.io import atomic_path
 
 __all__ = [
     "METRICS",

@@ -32,7 +32,8 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
-from .reader import FEATURE_DIM, FrameBatches, VideoBatches
+from yt8m_qrnn.data.reader import FrameBatches, VideoBatches
+from yt8m_qrnn.records.features import FEATURE_DIM
 
 MAX_FRAMES = 300
 # Epoch e of a run with seed s is shuffled with seed s * EPOCH_SEED_STRIDE + e.

@@ -17,17 +17,16 @@ that the bytes it reads are the ones indexed.
 from __future__ import annotations
 
 import contextlib
-import functools
 import gc
 import hashlib
+import logging
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
-from operator import attrgetter
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -35,181 +34,38 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from google.protobuf.message import DecodeError
 
-from .config import NUM_CLASSES
-from .example_proto import Example, FeatureList, SequenceExample
-from .io import CorruptArtifact, atomic_path, write_json
-from .quantization import dequantize
-from . import fastparse
-from .tfrecord import (
-    HEADER_SIZE, CorruptRecordError, RecordError, checked_layouts, iter_records, masked_crc, scan_buffer,
-    stored_crcs, write_records,
+from yt8m_qrnn.data.index_file import PARQUET_SCHEMA, SUBSETS, with_content_digest
+from yt8m_qrnn.pipeline.dag import DATA_ROOT, INDEX, LABEL_STATS, MANIFEST
+from yt8m_qrnn.pipeline.io import atomic_path, write_json
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.records import fastparse
+from yt8m_qrnn.records.example_proto import Example, SequenceExample
+from yt8m_qrnn.records.features import ID_KEYS, LEVELS, NUM_CLASSES, dequantize
+from yt8m_qrnn.records.tfrecord import (
+    HEADER_SIZE,
+    CorruptRecordError,
+    checked_layouts,
+    iter_records,
+    masked_crc,
+    scan_buffer,
+    stored_crcs,
+    write_records,
+)
+from yt8m_qrnn.records.video import (
+    BadRecordError,
+    frame_fields,
+    parse_video_record,
+    record_parser,
 )
 
-RGB_DIM, AUDIO_DIM = 1024, 128
-ID_KEYS = {2: "id", 1: "video_id"}
-LEVELS = ("video", "frame")
-SUBSETS = ("train", "valid", "eval", "test")
-COLUMNS = ["shard", "level", "split", "offset", "length", "id", "labels", "num_frames", "rgb_at", "audio_at",
-           "data_crc"]
-PARQUET_SCHEMA = pa.schema([
-    ("shard", pa.string()), ("level", pa.string()), ("split", pa.string()),
-    ("offset", pa.int64()), ("length", pa.int64()), ("id", pa.string()),
-    ("labels", pa.list_(pa.int32())), ("num_frames", pa.int32()), ("rgb_at", pa.int32()), ("audio_at", pa.int32()),
-    ("data_crc", pa.int64()), ("subset", pa.string()),
-])
 # Shards are read, checked and parsed in batches of about this many bytes: enough records that
 # the per-batch costs in Python hardly count, few enough that two workers stay busy to the end.
 BATCH_BYTES = 12 << 20
-
-_BYTES_VALUES = attrgetter("bytes_list.value")
 
 __all__ = [
     "BadRecordError", "parse_video_record", "index_shards", "assign_subsets", "label_statistics",
     "run_index", "derive_video_level", "derive_video_shards", "dequantize",
 ]
-
-
-class BadRecordError(RecordError):
-    """A record with valid framing that is not a usable YouTube-8M example."""
-
-    def __init__(self, reason, path=None, offset=None):
-        super().__init__(path, offset, reason)
-
-    def at(self, path, offset) -> BadRecordError:
-        return BadRecordError(self.reason, path, offset)
-
-
-# ---------------------------------------------------------------- parsing one record
-
-def parse_video_record(data: bytes, version: int, level: str) -> tuple[str, list[int], int]:
-    """(video id, sorted labels, number of frames) of one record; BadRecordError if unusable.
-
-    Video level counts as 1 frame; unlabelled (test) records give [].
-    """
-    return _parser(version, level)(data)
-
-
-@functools.cache
-def _parser(version: int, level: str) -> Callable[[bytes], tuple[str, list[int], int]]:
-    if version not in ID_KEYS:
-        raise ValueError(f"unknown YouTube-8M version {version!r}; expected one of {sorted(ID_KEYS)}")
-    if level == "video":
-        return functools.partial(_parse_video, ID_KEYS[version], NUM_CLASSES[version])
-    if level == "frame":
-        return functools.partial(_parse_frame, ID_KEYS[version], NUM_CLASSES[version])
-    raise ValueError(f"unknown level {level!r}; expected one of {LEVELS}")
-
-
-def _parse_video(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
-    try:
-        feats = Example.FromString(data).features.feature
-    except DecodeError as err:
-        raise BadRecordError(f"not a tf.train.Example: {err}") from None
-    # The common case in one expression; anything unusual goes to the slower checks, which explain it.
-    ids = feats[id_key].bytes_list.value
-    labels = feats["labels"].int64_list.value[:]
-    labels.sort()
-    if not (len(ids) == 1 and ids[0] and labels and labels[0] >= 0 and labels[-1] < num_classes
-            and len(feats["mean_rgb"].float_list.value) == RGB_DIM
-            and len(feats["mean_audio"].float_list.value) == AUDIO_DIM):
-        _check_context(feats, id_key, num_classes)
-        _check_floats(feats, "mean_rgb", RGB_DIM)
-        _check_floats(feats, "mean_audio", AUDIO_DIM)
-    return _decode_id(ids[0], id_key), labels, 1
-
-
-def _parse_frame(id_key: str, num_classes: int, data: bytes) -> tuple[str, list[int], int]:
-    try:
-        seq = SequenceExample.FromString(data)
-    except DecodeError as err:
-        raise BadRecordError(f"not a tf.train.SequenceExample: {err}") from None
-    video_id, labels, rgb, _ = frame_fields(seq, id_key, num_classes)
-    return video_id, labels, len(rgb)
-
-
-def frame_fields(seq, id_key: str, num_classes: int) -> tuple[str, list[int], np.ndarray, np.ndarray]:
-    """id, sorted labels and the uint8 rgb [frames, 1024] and audio [frames, 128] of a frame-level record."""
-    context = seq.context.feature
-    ids = context[id_key].bytes_list.value
-    labels = context["labels"].int64_list.value[:]
-    labels.sort()
-    if not (len(ids) == 1 and ids[0] and labels and labels[0] >= 0 and labels[-1] < num_classes):
-        _check_context(context, id_key, num_classes)
-    lists = seq.feature_lists.feature_list
-    rgb, audio = lists["rgb"], lists["audio"]
-    if not rgb.feature:
-        raise BadRecordError("no 'rgb' frames (not a frame-level SequenceExample?)")
-    if len(audio.feature) != len(rgb.feature):
-        raise BadRecordError(f"{len(rgb.feature)} 'rgb' frames but {len(audio.feature)} 'audio' frames")
-    return _decode_id(ids[0], id_key), labels, _frames(rgb, "rgb", RGB_DIM), _frames(audio, "audio", AUDIO_DIM)
-
-
-def _check_context(feats, id_key: str, num_classes: int) -> None:
-    """Raise BadRecordError describing what is wrong with the id or labels, if anything."""
-    ids = feats[id_key].bytes_list.value
-    if len(ids) == 1 and not ids[0]:
-        raise BadRecordError(f"{id_key!r} is empty")
-    if len(ids) != 1:
-        _bad_feature(feats, id_key, "one bytes value")
-    labels = feats["labels"].int64_list.value
-    for label in labels:
-        if not 0 <= label < num_classes:
-            raise BadRecordError(f"label {label} out of range [0, {num_classes})")
-    if not labels and feats["labels"].WhichOneof("kind") not in (None, "int64_list"):
-        _bad_feature(feats, "labels", "int64 values")
-
-
-def _check_floats(feats, key: str, size: int) -> None:
-    if len(feats[key].float_list.value) != size:
-        _bad_feature(feats, key, f"{size} floats")
-
-
-def _decode_id(raw: bytes, id_key: str) -> str:
-    try:
-        return raw.decode()
-    except UnicodeDecodeError:
-        raise BadRecordError(f"{id_key!r} is not UTF-8: {raw[:40]!r}") from None
-
-
-def _bad_feature(feats, key: str, expected: str):
-    kind = feats[key].WhichOneof("kind")
-    if kind is None:  # absent (our lookup inserted an empty one) or empty
-        present = sorted(k for k in feats if feats[k].WhichOneof("kind"))
-        raise BadRecordError(f"no {key!r} feature (expected {expected}; features: {', '.join(present) or 'none'})")
-    count = len(getattr(feats[key], kind).value)
-    raise BadRecordError(f"{key!r} has {count} {kind} values, expected {expected}")
-
-
-def _frame_prefix(width: int) -> np.ndarray:
-    """The bytes that precede each frame in a serialized FeatureList of single `width`-byte frames."""
-    one = FeatureList()
-    one.feature.add().bytes_list.value.append(bytes(width))
-    return np.frombuffer(one.SerializeToString()[:-width], np.uint8)
-
-
-_FRAME_PREFIX = {width: _frame_prefix(width) for width in (RGB_DIM, AUDIO_DIM)}
-
-
-def _frames(feature_list, name: str, width: int) -> np.ndarray:
-    """uint8 [frames, width]; BadRecordError unless every frame is exactly one `width`-byte string.
-
-    Fast path: re-serialize the list (one C call) and check every frame's prefix
-    with numpy, instead of touching each frame from Python. Lists this does not
-    recognise (valid ones with unknown fields, say) get the per-frame check.
-    """
-    prefix = _FRAME_PREFIX[width]
-    count, stride = len(feature_list.feature), len(prefix) + width
-    raw = np.frombuffer(feature_list.SerializeToString(), np.uint8)
-    if raw.size == count * stride:
-        rows = raw.reshape(count, stride)
-        if (rows[:, :len(prefix)] == prefix).all():
-            return rows[:, len(prefix):]
-    values = list(map(_BYTES_VALUES, feature_list.feature))
-    for i, frame_values in enumerate(values):
-        if len(frame_values) != 1 or len(frame_values[0]) != width:
-            sizes = [len(v) for v in frame_values]
-            raise BadRecordError(f"{name!r} frame {i} holds byte strings of sizes {sizes}, expected one of {width}")
-    return np.frombuffer(b"".join(v[0] for v in values), np.uint8).reshape(count, width)
 
 
 # ---------------------------------------------------------------- indexing shards
@@ -240,7 +96,7 @@ def index_shards(
     for _, name, level, _ in tasks:
         if level not in LEVELS:
             raise ValueError(f"{name}: unknown level {level!r}; expected one of {LEVELS}")
-    _parser(version, "video")  # unknown version: fail before reading anything
+    record_parser(version, "video")  # unknown version: fail before reading anything
     if workers is None:
         workers = 2 if _cpu_count() > 1 else 1
     with _gc_paused():
@@ -374,7 +230,7 @@ def _parse_batch(batch: _Loaded, version: int, skip: bool) -> tuple[_Rows, list[
     crc = stored_crcs(batch.buf, data_start[ok] + batch.lengths[ok])
     parts = [_Rows.from_parsed(task[ok], (batch.offsets - file_start)[ok], batch.lengths[ok], parsed,
                                parsed.feature_starts - data_start[ok], crc)]
-    parse, left, bad = _parser(version, level), np.flatnonzero(~ok), []
+    parse, left, bad = record_parser(version, level), np.flatnonzero(~ok), []
     for position, (number, path, name, *_) in enumerate(batch.shards):
         if batch.good[position] and not len(left):
             continue
@@ -610,6 +466,9 @@ def _frame_stats(frames: np.ndarray) -> dict:
             "mean": float(frames.mean()), "max": int(frames.max())}
 
 
+log = logging.getLogger(__name__)
+
+
 # ---------------------------------------------------------------- the stage
 
 def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
@@ -638,76 +497,6 @@ def run_index(data_root: Path, manifest: dict, index_params: dict, version: int,
         stats_json.unlink(missing_ok=True)
         raise
     return df
-
-
-# ---------------------------------------------------------------- reading the index back, checked
-
-# The index file carries the sha256 of its content (column types and values, and the pandas
-# metadata), computed before writing and checked by read_index: a flipped byte anywhere in
-# what a reader uses is found, however it got there (the disk, a copy, DVC's cache).
-CONTENT_DIGEST_KEY = b"yt8m_qrnn.content_sha256"
-REINDEX = "rerun the index stage (dvc repro --force --single-item index, or snakemake --forcerun index)"
-
-
-def with_content_digest(table: pa.Table) -> pa.Table:
-    return table.replace_schema_metadata((table.schema.metadata or {}) | {CONTENT_DIGEST_KEY: content_digest(table)})
-
-
-def content_digest(table: pa.Table) -> bytes:
-    """sha256 (hex) of the columns' names, types and values and the pandas metadata, whatever the
-    table's chunking: the same for a table and for what reading its parquet file gives back."""
-    digest = hashlib.sha256(repr([(field.name, _type_name(field.type)) for field in table.schema]).encode())
-    digest.update((table.schema.metadata or {}).get(b"pandas", b""))
-    for column in table.columns:
-        _hash_values(digest, column.combine_chunks())
-    return digest.hexdigest().encode()
-
-
-def _type_name(kind: pa.DataType) -> str:
-    """The type without the name of a list's item field (which parquet readers may rename)."""
-    return f"list<{_type_name(kind.value_type)}>" if pa.types.is_list(kind) else str(kind)
-
-
-def _hash_values(digest, array: pa.Array) -> None:
-    digest.update(np.packbits(array.is_null().to_numpy(zero_copy_only=False)).tobytes())
-    if not len(array):
-        return
-    if pa.types.is_string(array.type) or pa.types.is_list(array.type):
-        bounds = np.frombuffer(array.buffers()[1], np.int32)[array.offset:array.offset + len(array) + 1]
-        start, end = (int(bounds[0]), int(bounds[-1])) if len(bounds) else (0, 0)
-        digest.update((bounds - start).tobytes())
-        if pa.types.is_string(array.type):
-            digest.update(memoryview(array.buffers()[2])[start:end] if end > start else b"")
-        else:
-            _hash_values(digest, array.values.slice(start, end - start))
-    else:
-        digest.update(array.fill_null(0).to_numpy(zero_copy_only=False).tobytes())
-
-
-def read_index(path: Path) -> pd.DataFrame:
-    """The index written by run_index, after checking it is what the index stage wrote (CorruptArtifact if
-    not). An index without a recorded digest (written by other code, e.g. a test's) is read unchecked."""
-    path = Path(path)
-    try:
-        table = pq.read_table(path)
-    except FileNotFoundError:
-        raise
-    except (OSError, ValueError, pa.ArrowException) as err:  # a flipped byte in a page or in the footer
-        raise CorruptArtifact(path, f"parquet cannot read it ({' '.join(str(err).split())})", REINDEX) from None
-    recorded = (table.schema.metadata or {}).get(CONTENT_DIGEST_KEY)
-    if recorded is not None:
-        _check_content(path, table, recorded)
-    return table.to_pandas()
-
-
-def _check_content(path: Path, table: pa.Table, recorded: bytes) -> None:
-    try:
-        found = content_digest(table)
-    except (ValueError, TypeError, pa.ArrowException) as err:  # columns of unexpected types
-        raise CorruptArtifact(path, f"its content cannot be hashed ({err})", REINDEX) from None
-    if found != recorded:
-        raise CorruptArtifact(path, f"content sha256 {found.decode()}, but the file records "
-                                    f"{recorded.decode(errors='replace')}", REINDEX)
 
 
 # ---------------------------------------------------------------- video level from frame level
@@ -752,3 +541,14 @@ def _derive_located(path: Path, offset: int, data: bytes, version: int) -> bytes
         return derive_video_level(data, version)
     except BadRecordError as err:
         raise err.at(path, offset) from None
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict) -> None:
+    import json
+
+    p = stage_params(params, "index")
+    manifest = json.loads(MANIFEST.read_text())
+    table = run_index(DATA_ROOT, manifest, p["index"], p["data"]["version"], INDEX, LABEL_STATS)
+    log.info("indexed %d records; subsets %s", len(table), table.groupby("subset").size().to_dict())

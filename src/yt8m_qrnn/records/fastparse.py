@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import numba
 import numpy as np
 
-from .example_proto import Feature, FeatureList
+from yt8m_qrnn.records.example_proto import Feature, FeatureList
+from yt8m_qrnn.records.features import AUDIO_DIM, RGB_DIM
 
-RGB_DIM, AUDIO_DIM = 1024, 128
 PADDING = 32  # zero bytes that must follow the last record: the walk reads up to 16 bytes past a field
 _TAG1, _TAG2, _TAG3 = 0x0A, 0x12, 0x1A  # fields 1, 2 and 3, length-delimited
 _ID, _LABELS, _RGB, _AUDIO = range(4)  # positions of the keys in the key tables below

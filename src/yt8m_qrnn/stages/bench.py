@@ -3,7 +3,7 @@
 Measured on the machine that runs the stage (its CPU, or the GPU TensorFlow sees), with
 TensorFlow as the Keras backend, and written to results/bench/ (each file atomically):
 
-- layer_grid.json: the training step of one QRNN layer (yt8m_qrnn.qrnn.QRNN, fo pooling,
+- layer_grid.json: the training step of one QRNN layer (yt8m_qrnn.models.qrnn.QRNN, fo pooling,
   window 2) and of one keras.layers.LSTM of the same hidden size: forward, then the gradient
   of a scalar loss (mean square of the output sequence) with respect to the inputs and every
   weight, inside one compiled function as Keras trains. Over a grid of batch x sequence length
@@ -26,11 +26,11 @@ TensorFlow as the Keras backend, and written to results/bench/ (each file atomic
   gradient) on the layer's own gate tensors, for each implementation in
   qrnn.LINEAR_RECURRENCES, each checked against a float64 recurrence. Share of the layer step:
   pooling (the implementation the layer uses) / layer, convolution / layer.
-- input_pipeline.json: videos/s and MB/s of yt8m_qrnn.data's training stream (shuffle, read
+- input_pipeline.json: videos/s and MB/s of yt8m_qrnn.data.stream's training stream (shuffle, read
   by the index's offsets, check, decode, pad, batch) over frame-level shards, beside a plain
   tf.data.TFRecordDataset read of the same files in the same run (the two take turns; the
   files are read once before, so both read from the page cache). Two sets of shards: generated
-  ones (yt8m_qrnn.synth, in a temporary folder) whose videos have YouTube-8M's lengths (150-300
+  ones (yt8m_qrnn.stages.generate, in a temporary folder) whose videos have YouTube-8M's lengths (150-300
   frames, at most 300 as in the dataset), where the target is checked, and the frame-level shards of resources/yt8m when there are any
   (the default run's generated videos are 20-40 frames, so the stream's cost per video weighs
   more there).
@@ -57,13 +57,13 @@ from typing import Callable
 
 import numpy as np
 
-from .config import NUM_CLASSES, stage_params
-from .io import atomic_path, write_json
-from .machine import cpu_model
+from yt8m_qrnn.pipeline.dag import BENCH_DIR, BENCH_FILES, DATA_ROOT
+from yt8m_qrnn.pipeline.io import atomic_path, write_json
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.pipeline.provenance import cpu_model
+from yt8m_qrnn.records.features import NUM_CLASSES
 
-OUT_DIR = Path("results/bench")
-DATA_ROOT = Path("resources/yt8m")
-FILES = ("layer_grid.json", "pooling.json", "input_pipeline.json", "speedup.png", "summary.json")
+OUT_DIR, FILES = BENCH_DIR, BENCH_FILES
 
 WINDOW = 2
 POOLING = "fo"
@@ -97,7 +97,7 @@ def progress(message: str) -> None:
 
 # ---------------------------------------------------------------- the stage
 
-def bench(params: dict) -> None:
+def run(params: dict) -> None:
     """Stage 'bench': QRNN vs LSTM step times, the QRNN's pooling, the input pipeline (results/bench/)."""
     cfg = stage_params(params, "bench")["bench"]
     run_bench(cfg, OUT_DIR, data_root=DATA_ROOT)
@@ -297,7 +297,7 @@ def _inputs(tf, batch, length, inputs, seed=0):
 
 
 def make_qrnn(hidden: int, inputs: int, pool_impl: str = "auto"):
-    from .qrnn import QRNN
+    from yt8m_qrnn.models.qrnn import QRNN
 
     layer = QRNN(hidden, window=WINDOW, pooling=POOLING, return_sequences=True, pool_impl=pool_impl, seed=0)
     layer.build((None, None, inputs))
@@ -359,7 +359,7 @@ def time_pooling(tf, shape: dict, warmup: int, repeats: int) -> dict:
     """The QRNN layer step and its parts at `shape`, in one interleaved round (see the module docstring)."""
     import keras
 
-    from .qrnn import LINEAR_RECURRENCES, resolve_pool_impl
+    from yt8m_qrnn.models.qrnn import LINEAR_RECURRENCES, resolve_pool_impl
 
     used = resolve_pool_impl("auto")
     x = _inputs(tf, shape["batch"], shape["frames"], shape["inputs"])
@@ -445,7 +445,7 @@ def frame_shards(data_root: Path, max_files: int) -> list[tuple[int, str]]:
 
 
 def generate_shards(root: Path, files: int, videos: int) -> list[tuple[int, str]]:
-    from .synth import generate_mirror
+    from yt8m_qrnn.stages.generate import generate_mirror
 
     gen = dict(SYNTHETIC) | {"splits": {"train": [files, videos]}}
     generate_mirror(gen, version=2, num_classes=NUM_CLASSES[2], root=root)
@@ -454,7 +454,7 @@ def generate_shards(root: Path, files: int, videos: int) -> list[tuple[int, str]
 
 def shard_rows(data_root: Path, shards: list[tuple[int, str]], version: int):
     """Index rows (level, shard, id, num_frames, ...) of every record of the shards: the index stage's own."""
-    from .index import index_shards
+    from yt8m_qrnn.stages.index import index_shards
 
     return index_shards([(Path(data_root) / rel, rel, "frame", Path(rel).parent.name) for _, rel in shards], version)[0]
 
@@ -469,7 +469,7 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
         progress(f"generating {max_files} x {videos} videos ({SYNTHETIC['min_frames']}-{SYNTHETIC['max_frames']} "
                  f"frames) in {root}")
         runs[TARGET_RUN] = _time_stream(tf, cfg, root, generate_shards(root, max_files, videos), (
-            f"generated by yt8m_qrnn.synth in a temporary folder ({max_files} shards x {videos} videos of "
+            f"generated by yt8m_qrnn.stages.generate in a temporary folder ({max_files} shards x {videos} videos of "
             f"{SYNTHETIC['min_frames']}-{SYNTHETIC['max_frames']} frames, YouTube-8M's lengths)"))
     shards = frame_shards(data_root, max_files)
     if shards:
@@ -479,8 +479,13 @@ def time_input_pipeline(tf, cfg: dict, data_root: Path) -> dict:
 
 
 def _time_stream(tf, cfg: dict, root: Path, shards: list[tuple[int, str]], source: str) -> dict:
-    from .data import MAX_FRAMES, epoch_seed, make_training_stream, row_order
-    from .reader import FrameBatches
+    from yt8m_qrnn.data.reader import FrameBatches
+    from yt8m_qrnn.data.stream import (
+        MAX_FRAMES,
+        epoch_seed,
+        make_training_stream,
+        row_order,
+    )
 
     batch_size, repeats, epochs = int(cfg["batch_size"]), int(cfg["repeats"]), int(cfg.get("epochs", 1))
     versions = {version for version, _ in shards}
@@ -530,8 +535,8 @@ def _time_stream(tf, cfg: dict, root: Path, shards: list[tuple[int, str]], sourc
                        "timed, so the timed ones read from the page cache; "
                        "MB/s: bytes read (1 MB = 1e6 bytes) / seconds; raw: "
                        "tf.data.TFRecordDataset(files).repeat(epochs).batch(batch_size); batches_only: the "
-                       "stream's batches built by yt8m_qrnn.reader.FrameBatches one after another in one Python "
-                       "thread, without tf.data; pipeline: yt8m_qrnn.data.make_training_stream over `epochs` epochs "
+                       "stream's batches built by yt8m_qrnn.data.reader.FrameBatches one after another in one Python "
+                       "thread, without tf.data; pipeline: yt8m_qrnn.data.stream.make_training_stream over `epochs` epochs "
                        "(each a permutation of the index rows, records read at their offsets with CRCs checked, "
                        "uint8 batches padded to the longest video, built ahead of the consumer: the models "
                        "dequantize on the device)")}

@@ -14,6 +14,8 @@ import crc32c as _crc32c
 import numba
 import numpy as np
 
+from yt8m_qrnn.pipeline.io import atomic_path
+
 HEADER = struct.Struct("<QI")
 _LENGTH_SIZE = 8  # the uint64 data length that starts a record
 FOOTER = struct.Struct("<I")
@@ -270,12 +272,10 @@ def iter_records(path, verify: bool = True) -> Iterator[tuple[int, bytes]]:
 
 
 def write_records(path, records: Iterable[bytes]) -> list[int]:
-    """Write `records` with TFRecord framing via path + '.tmp'; return their header offsets."""
-    path = Path(path)
-    tmp = Path(f"{path}.tmp")
+    """Write `records` with TFRecord framing (atomically); return their header offsets."""
     offsets = []
     pos = 0
-    try:
+    with atomic_path(Path(path)) as tmp:
         with open(tmp, "wb") as f:
             for data in records:
                 data = bytes(data)
@@ -283,9 +283,6 @@ def write_records(path, records: Iterable[bytes]) -> list[int]:
                 f.write(header + FOOTER.pack(masked_crc(header)) + data + FOOTER.pack(masked_crc(data)))
                 offsets.append(pos)
                 pos += HEADER_SIZE + len(data) + FOOTER_SIZE
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return offsets
 
 

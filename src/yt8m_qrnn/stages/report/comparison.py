@@ -17,7 +17,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .stats import TopK, bootstrap_interval, paired_bootstrap, seed_interval, topk_metrics
+from yt8m_qrnn.metrics.stats import (
+    TopK,
+    bootstrap_interval,
+    paired_bootstrap,
+    seed_interval,
+    topk_metrics,
+)
 
 METRICS = ("gap", "map", "hit_at_one", "perr")
 # MAP over every class (2018) gets no interval over the videos: a resample drops rare classes, which then score

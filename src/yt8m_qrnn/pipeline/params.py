@@ -1,28 +1,21 @@
-"""params.yaml: loading, validation against the schema, and per-stage sections."""
+"""params.yaml: loading, validation against the schema, and per-stage sections (the keys each
+stage reads are declared with the stage, in pipeline.dag)."""
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import jsonschema
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "params.schema.yaml"
-NUM_CLASSES = {2: 3862, 1: 4716}
+from yt8m_qrnn.models.registry import KIND_LEVELS
+from yt8m_qrnn.pipeline.dag import SCHEMA, stage_keys
+from yt8m_qrnn.pipeline.io import write_text
+from yt8m_qrnn.records.features import NUM_CLASSES
 
-# The params.yaml keys each stage reads; dvc.yaml and the Snakemake rules must
-# declare exactly these (tests/test_dag_agreement.py checks both).
-STAGE_PARAMS = {
-    "generate": ["generate"],
-    "fetch": ["data"],
-    "index": ["data.version", "index"],
-    "train": ["data.version", "models.{model}", "train"],
-    "evaluate": ["data.version", "models.{model}", "evaluate"],
-    "report": ["run_models", "report"],
-    "bench": ["bench"],
-}
-
+REPO_ROOT = Path(__file__).resolve().parents[3]
+SCHEMA_PATH = REPO_ROOT / SCHEMA
 
 class ParamsError(ValueError):
     """params.yaml is invalid; the message names the key."""
@@ -38,11 +31,6 @@ def load_params(path: str | Path = "params.yaml") -> dict:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     validate_params(params, source=str(path))
     return params
-
-
-# The input level each model kind needs (None: either; the QRNN runs over frames or over the video vector).
-KIND_LEVELS = {"logistic": "video", "moe": "video", "frame_logistic": "frame", "lstm": "frame", "dbof": "frame",
-               "qrnn": None}
 
 
 def validate_params(params: dict, source: str = "params.yaml") -> None:
@@ -137,10 +125,6 @@ def num_classes(params: dict) -> int:
     return NUM_CLASSES[params["data"]["version"]]
 
 
-def stage_keys(stage: str, model: str | None = None) -> list[str]:
-    return [k.format(model=model) for k in STAGE_PARAMS[stage]]
-
-
 def stage_params(params: dict, stage: str, model: str | None = None) -> dict:
     """Only the keys `stage` may read, as a nested dict with the same shape."""
     out: dict = {}
@@ -170,15 +154,10 @@ def sync_params_stamp(params: dict, stage: str, model: str | None = None) -> Pat
     change reruns exactly the stages that read it; every stage refreshes its own
     stamp when it runs, so a stage run by `dvc repro` leaves Snakemake nothing to redo.
     """
-    import json
-
     path = params_stamp_path(stage, model)
     text = json.dumps(stage_params(params, stage, model), indent=1, sort_keys=True) + "\n"
     if not path.exists() or path.read_text() != text:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+        write_text(path, text)
     return path
 
 

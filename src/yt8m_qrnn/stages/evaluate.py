@@ -27,11 +27,24 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .index import read_index
-from .io import CorruptArtifact, atomic_folder, atomic_path, check_sha256, write_json
-from .metrics import EvaluationMetrics, class_prior_predictions, top_k_by_row
+from yt8m_qrnn.data.index_file import read_index
+from yt8m_qrnn.metrics.official import (
+    EvaluationMetrics,
+    class_prior_predictions,
+    top_k_by_row,
+)
+from yt8m_qrnn.pipeline.dag import DATA_ROOT, INDEX, eval_dir, model_dir, seed_dir
+from yt8m_qrnn.pipeline.io import (
+    CorruptArtifact,
+    atomic_folder,
+    atomic_path,
+    check_sha256,
+    write_json,
+)
+from yt8m_qrnn.pipeline.params import stage_params
+from yt8m_qrnn.records.features import NUM_CLASSES
 
-log = logging.getLogger("yt8m_qrnn.evaluate")
+log = logging.getLogger("yt8m_qrnn.stages.evaluate")
 METRIC_KEYS = ("gap", "map", "map_present", "hit_at_one", "perr")
 SUBMISSION_HEADER = ("VideoId", "LabelConfidencePairs")
 PER_CLASS_COLUMNS = ("class", "name", "eval_positives", "train_positives", "ap")
@@ -247,10 +260,10 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
     """
     import keras
 
-    from . import data as data_lib
-    from . import models  # noqa: F401  (registers the custom layers for loading)
-    from . import qrnn  # noqa: F401
-    from .stats import TopK, seed_interval
+    from yt8m_qrnn.data import stream as data_lib
+    from yt8m_qrnn.metrics.stats import TopK, seed_interval
+    from yt8m_qrnn.models import qrnn  # noqa: F401
+    from yt8m_qrnn.models import starter as models  # noqa: F401  (registers the custom layers for loading)
 
     index = read_index(index_path)
     level = model_cfg["level"]
@@ -335,7 +348,7 @@ def _write_predictions(folder: Path, topks: dict, full: np.ndarray | None) -> No
 
 def _write_submission(path, models, index, level, version, num_classes, data_root, eval_cfg) -> int:
     """The seeds' ensemble's top-k predictions for the unlabelled test videos, in the Kaggle format."""
-    from . import data as data_lib
+    from yt8m_qrnn.data import stream as data_lib
 
     test_rows = data_lib.subset_rows(index, "test", level)
     with PairsWriter(path, eval_cfg["top_k"]) as out:
@@ -345,3 +358,17 @@ def _write_submission(path, models, index, level, version, num_classes, data_roo
             for ids, _, mean, _ in predict(models, dataset):
                 out.write(ids, mean)
     return out.rows
+
+
+# ---------------------------------------------------------------- the stage
+
+def run(params: dict, model: str) -> None:
+    p = stage_params(params, "evaluate", model)
+    version = p["data"]["version"]
+    seeds = sorted(int(path.name.split("-")[1]) for path in (model_dir(model) / "seeds").glob("seed-*"))
+    if not seeds:
+        raise FileNotFoundError(f"{model_dir(model) / 'seeds'}: no trained seeds; run the train stage first")
+    evaluate_model(model, p["models"][model], p["evaluate"], version=version, num_classes=NUM_CLASSES[version],
+                   data_root=DATA_ROOT, index_path=INDEX,
+                   model_paths={seed: seed_dir(model, seed) / "model.keras" for seed in seeds},
+                   out_dir=eval_dir(model))

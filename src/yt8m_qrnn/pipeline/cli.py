@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -29,9 +30,20 @@ from pathlib import Path
 
 import yaml
 
-from . import stages as pipeline
-from .config import ParamsError, benchmark_path, load_params, sync_params_stamp
-from .io import CorruptArtifact, StageError, remove_stale_temporaries, resource_locks, sha256_file
+from yt8m_qrnn.pipeline import dag
+from yt8m_qrnn.pipeline.io import (
+    CorruptArtifact,
+    StageError,
+    remove_stale_temporaries,
+    resource_locks,
+    sha256_file,
+)
+from yt8m_qrnn.pipeline.params import (
+    ParamsError,
+    benchmark_path,
+    load_params,
+    sync_params_stamp,
+)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -39,14 +51,16 @@ EXPECTED_ERRORS = (ParamsError, ValueError, OSError, RuntimeError)
 log = logging.getLogger("yt8m_qrnn")
 
 
-def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
-    parser = argparse.ArgumentParser(description=stage.__doc__)
+def run_stage(name: str, argv=None) -> None:
+    """The command line of stage `name` (pipeline.dag.STAGES): `--params`, and `--model` for a per-model stage."""
+    spec = dag.stage(name)
+    takes_model = spec.item == "model"
+    parser = argparse.ArgumentParser(description=f"Stage {name!r}: {spec.entry}")
     parser.add_argument("--params", default="params.yaml")
     if takes_model:
         parser.add_argument("--model", required=True)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    name = stage.__name__
     where = f"{name} {args.model}" if takes_model else name  # what a StageError concerns
     try:
         params = load_params(args.params)
@@ -57,6 +71,7 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
             sync_params_stamp(params, name, model)
             if "DVC_STAGE" in os.environ:
                 forget_snakemake_benchmark(name, model)
+            stage = stage_function(name)
             stage(params, model) if takes_model else stage(params)
     except StageError as err:
         fail(f"{where}: {err}" + (_dvc_cache_note(err.path) if isinstance(err, CorruptArtifact) else ""))
@@ -71,14 +86,21 @@ def run_stage(stage, *, takes_model: bool = False, argv=None) -> None:
         fail(record_error + _refetch_advice(record_error))
 
 
+def stage_function(name: str):
+    """The function that runs stage `name` (its `entry`), imported only now: a stage's process
+    imports only its own code."""
+    module, _, function = dag.stage(name).entry.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
 @contextlib.contextmanager
 def guarded(stage: str, item: str | None, params: dict):
     """The stage's locks (stages.locks) for the block; if the block fails, the stage's
     outputs are removed before the locks are released."""
-    reads, writes = pipeline.locks(stage, item, params)
+    reads, writes = dag.locks(stage, item, params)
     owner = f"stage {stage}" + (f"@{item}" if item else "")
-    with resource_locks(pipeline.LOCK_DIR, reads, writes, owner=owner):
-        for output in pipeline.outputs(stage, item):
+    with resource_locks(dag.LOCK_DIR, reads, writes, owner=owner):
+        for output in dag.outputs(stage, item):
             for path in remove_stale_temporaries(output):
                 log.info("removed %s, left by a run killed while writing it", path)
         try:
@@ -96,7 +118,7 @@ def fail(message: str) -> None:
 
 def _remove_outputs(stage: str, model: str | None) -> None:
     try:
-        removed = pipeline.remove_outputs(stage, model)
+        removed = dag.remove_outputs(stage, model)
     except OSError as err:
         log.warning("could not remove the outputs of the failed stage: %s", err)
         return
@@ -113,7 +135,7 @@ def _refetch_advice(record_error: str) -> str:
     file itself (published as a hard link), that must go first: fetch trusts it by its size and time."""
     shard = Path(record_error.split(": record at byte offset ")[0])
     advice = "; the shards changed after they were indexed: "
-    if _same_file(shard, stored := pipeline.SHARD_STORE / _relative(shard, pipeline.DATA_ROOT)):
+    if _same_file(shard, stored := dag.SHARD_STORE / _relative(shard, dag.DATA_ROOT)):
         advice += f"delete {stored} and "
     advice += "run the fetch stage again (dvc repro --force --single-item fetch, or snakemake --forcerun fetch)"
     return advice + _dvc_cache_note(shard)

@@ -26,13 +26,22 @@ import numpy as np
 import pandas as pd
 from google.protobuf.message import DecodeError
 
-from . import fastparse
-from .example_proto import Example, SequenceExample
-from .index import COLUMNS, ID_KEYS, BadRecordError, frame_fields, parse_video_record
-from .tfrecord import FOOTER, FOOTER_SIZE, HEADER, HEADER_SIZE, CorruptRecordError, RecordError, record_ok, scan_buffer
+from yt8m_qrnn.data.index_file import COLUMNS
+from yt8m_qrnn.records import fastparse
+from yt8m_qrnn.records.example_proto import Example, SequenceExample
+from yt8m_qrnn.records.features import AUDIO_DIM, FEATURE_DIM, ID_KEYS, RGB_DIM
+from yt8m_qrnn.records.tfrecord import (
+    FOOTER,
+    FOOTER_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    CorruptRecordError,
+    RecordError,
+    record_ok,
+    scan_buffer,
+)
+from yt8m_qrnn.records.video import BadRecordError, frame_fields, parse_video_record
 
-RGB_DIM, AUDIO_DIM = fastparse.RGB_DIM, fastparse.AUDIO_DIM
-FEATURE_DIM = RGB_DIM + AUDIO_DIM
 RGB_STRIDE, AUDIO_STRIDE = fastparse.FRAME_STRIDES
 # Arrays handed to TensorFlow start at a multiple of this, TensorFlow's alignment for tensor buffers (malloc gives 16)
 _ALIGNMENT = 64
