@@ -227,9 +227,7 @@ def tiny_model(tmp_path):
 
 
 def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
-    import tensorflow as tf
-
-    from yt8m_qrnn.data import stream as data_lib
+    from yt8m_qrnn.data import batches as data_lib
 
     rng = np.random.default_rng(4)
     index = pd.concat([random_rows(rng, 60, "train"), random_rows(rng, 45, "eval"), random_rows(rng, 13, "test"),
@@ -238,15 +236,14 @@ def test_evaluate_model_writes_every_output(tmp_path, tiny_model, monkeypatch):
     index.to_parquet(tmp_path / "index.parquet")
     features = {vid: rng.normal(size=FEATURES).astype(np.float32) for vid in index["id"]}
 
-    def fake_dataset(data_root, rows, level, version, num_classes, batch_size, with_ids=False, **_):
-        assert with_ids and level == "video" and set(rows["level"]) == {"video"}
+    def fake_batches(data_root, rows, level, version, num_classes, batch_size, **_):
+        assert level == "video" and set(rows["level"]) == {"video"}
         for start in range(0, len(rows), batch_size):
             batch = rows.iloc[start:start + batch_size]
-            yield (tf.constant([v.encode() for v in batch["id"]]),
-                   {"features": tf.constant(np.stack([features[v] for v in batch["id"]]))},
-                   tf.constant(data_lib.label_matrix(batch, num_classes)))
+            yield (batch["id"].to_numpy(str), {"features": np.stack([features[v] for v in batch["id"]])},
+                   data_lib.label_matrix(batch, num_classes))
 
-    monkeypatch.setattr(data_lib, "make_dataset", fake_dataset)
+    monkeypatch.setattr(data_lib, "one_pass", fake_batches)
     data_root = tmp_path / "yt8m"
     (data_root / "2").mkdir(parents=True)
     (data_root / "2" / "vocabulary.csv").write_text(VOCAB)

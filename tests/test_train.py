@@ -95,6 +95,41 @@ def test_training_stream_is_a_function_of_seed_and_epoch(tiny):
     assert stream(0, 1, seed=6) != full[:steps]
 
 
+def test_numpy_batches_are_the_tf_data_batches(tiny):
+    """data.batches (JAX, PyTorch, evaluation) holds what data.stream's tf.data pipelines hold."""
+    from yt8m_qrnn.data import batches
+
+    rows = data_lib.subset_rows(tiny["index"], "train", "frame")
+    stream = list(data_lib.make_training_stream(tiny["data_root"], rows, "frame", 2, C, 16, seed=5, start_epoch=1,
+                                                end_epoch=2, skip_batches=2))
+    reader = batches.BatchReader(tiny["data_root"], rows, "frame", 2, C)
+    epoch = batches.EpochBatches(reader, 16, seed=5, epoch=1, skip=2)
+    assert len(epoch) == len(stream) == data_lib.steps_per_epoch(len(rows), 16) - 2
+    for number, (tf_inputs, tf_labels) in enumerate(stream):
+        inputs, labels = epoch[number]
+        np.testing.assert_array_equal(labels, tf_labels.numpy())
+        for key in ("features", "num_frames"):
+            np.testing.assert_array_equal(inputs[key], tf_inputs[key].numpy())
+    one_pass = list(batches.one_pass(tiny["data_root"], rows, "frame", 2, C, 32))
+    for (ids, inputs, labels), (tf_ids, tf_inputs, tf_labels) in zip(
+            one_pass, data_lib.make_dataset(tiny["data_root"], rows, "frame", 2, C, 32, with_ids=True), strict=True):
+        assert list(ids) == [i.decode() for i in tf_ids.numpy()]
+        np.testing.assert_array_equal(inputs["features"], tf_inputs["features"].numpy())
+        np.testing.assert_array_equal(labels, tf_labels.numpy())
+
+
+def test_a_short_last_batch_is_filled_up_to_a_multiple_of_the_devices(tiny):
+    from yt8m_qrnn.data import batches
+
+    rows = data_lib.subset_rows(tiny["index"], "train", "video").iloc[:37]
+    reader = batches.BatchReader(tiny["data_root"], rows, "video", 2, C)
+    epoch = batches.EpochBatches(reader, 16, seed=1, epoch=0, multiple_of=4)
+    sizes = [len(epoch[i][1]) for i in range(len(epoch))]
+    assert sizes == [16, 16, 8]  # 5 videos left, filled up to 8 with the batch's own first videos
+    last, labels = epoch[2]
+    np.testing.assert_array_equal(last["features"][5:8], last["features"][:3])
+
+
 def test_batches_padding_and_labels(tiny):
     rows = data_lib.subset_rows(tiny["index"], "eval", "frame")
     ids, inputs, labels = next(iter(data_lib.make_dataset(tiny["data_root"], rows, "frame", 2, C, 64,
@@ -554,10 +589,11 @@ def test_training_stops_after_patience_epochs_without_a_better_gap(tiny_with_val
 def test_the_train_stage_trains_each_seed_and_summarises_them(tiny_with_validation, tmp_path, monkeypatch):
     from yt8m_qrnn.pipeline import dag as stages
     from yt8m_qrnn.pipeline.cli import stage_function
+    from yt8m_qrnn.stages import train as train_stage
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
-    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    monkeypatch.setattr(train_stage, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(train_stage, "INDEX", tiny_with_validation["index_path"])
     params = {"data": {"version": 2}, "models": {"m": LOGISTIC | {"epochs": 3}},
               "train": {k: v for k, v in TRAIN.items() if k != "seed"} | {"seeds": [4, 9], "patience": 1}}
     stage_function("train")(params, "m")
@@ -579,10 +615,11 @@ def test_the_seeds_folder_appears_only_with_every_seed_in_it(tiny_with_validatio
     take a half-filled folder for an incomplete output); the finished seed waits in the work folder."""
     from yt8m_qrnn.pipeline import dag as stages
     from yt8m_qrnn.pipeline.cli import stage_function
+    from yt8m_qrnn.stages import train as train_stage
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
-    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    monkeypatch.setattr(train_stage, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(train_stage, "INDEX", tiny_with_validation["index_path"])
     real_train_model, calls = stages_train_model(), []
 
     def killed_at_second_seed(*args, **kwargs):
@@ -611,14 +648,15 @@ def test_a_rerun_of_the_train_stage_does_not_train_a_finished_seed_again(tiny_wi
     """Killed after its first seed: the declared outputs are gone, the finished seed's checkpoint is not."""
     from yt8m_qrnn.pipeline import dag as stages
     from yt8m_qrnn.pipeline.cli import stage_function
+    from yt8m_qrnn.stages import train as train_stage
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stages, "DATA_ROOT", tiny_with_validation["data_root"])
-    monkeypatch.setattr(stages, "INDEX", tiny_with_validation["index_path"])
+    monkeypatch.setattr(train_stage, "DATA_ROOT", tiny_with_validation["data_root"])
+    monkeypatch.setattr(train_stage, "INDEX", tiny_with_validation["index_path"])
     model_cfg = LOGISTIC | {"epochs": 2}
     train_cfg = {k: v for k, v in TRAIN.items() if k != "seed"} | {"patience": 1}
     first = train_model("m", model_cfg, train_cfg | {"seed": 4}, version=2, num_classes=C,
-                        data_root=stages.DATA_ROOT, index_path=stages.INDEX, out_dir=tmp_path / "gone",
+                        data_root=train_stage.DATA_ROOT, index_path=train_stage.INDEX, out_dir=tmp_path / "gone",
                         work_dir=stages.TRAIN_WORK / "m", keep_checkpoint=True)
     caplog.set_level(logging.INFO, logger="yt8m_qrnn")
     stage_function("train")({"data": {"version": 2}, "models": {"m": model_cfg}, "train": train_cfg | {"seeds": [4, 9]}}, "m")

@@ -1,4 +1,5 @@
-"""tf.data input pipelines over the index: batches of index rows, read at the rows' byte offsets.
+"""tf.data input pipelines over the index (the TensorFlow training path; data.batches holds
+the same batches as numpy arrays for any backend): batches of index rows, read at the rows' byte offsets.
 
 Video level yields features [B, 1152] float32; frame level yields the stored
 quantized frames, uint8 [B, T, 1152], with T the longest video selected (at most
@@ -24,7 +25,6 @@ read.
 """
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Callable
 
@@ -32,12 +32,12 @@ import numpy as np
 import pandas as pd
 import tensorflow as tf
 
+from yt8m_qrnn.data.batches import (  # noqa: F401  (the TensorFlow path shares them)
+    MAX_FRAMES, epoch_seed, label_matrix, row_order, steps_per_epoch, subset_rows,
+)
 from yt8m_qrnn.data.reader import FrameBatches, VideoBatches
 from yt8m_qrnn.records.features import FEATURE_DIM
 
-MAX_FRAMES = 300
-# Epoch e of a run with seed s is shuffled with seed s * EPOCH_SEED_STRIDE + e.
-EPOCH_SEED_STRIDE = 1_000_003
 
 
 class _Pipeline:
@@ -114,20 +114,6 @@ def make_dataset(
     return pipeline.batches(one_pass, lambda _: seed if shuffle else None).prefetch(tf.data.AUTOTUNE)
 
 
-def row_order(count: int, seed: int | None) -> np.ndarray:
-    """Every row position once: in row order, or a permutation drawn with `seed`."""
-    return np.arange(count) if seed is None else np.random.default_rng(seed).permutation(count)
-
-
-def epoch_seed(seed: int, epoch):
-    return seed * EPOCH_SEED_STRIDE + epoch
-
-
-def steps_per_epoch(num_videos: int, batch_size: int) -> int:
-    """Batches in one pass (the last one may be smaller, as the starter's allow_smaller_final_batch)."""
-    return math.ceil(num_videos / batch_size)
-
-
 def make_training_stream(
     data_root: Path,
     rows: pd.DataFrame,
@@ -154,14 +140,3 @@ def make_training_stream(
     pipeline = _Pipeline(data_root, rows, level, version, num_classes, batch_size, max_frames, with_ids=False)
     epochs = tf.data.Dataset.range(start_epoch, end_epoch)
     return pipeline.batches(epochs, lambda epoch: epoch_seed(seed, epoch), skip_batches).prefetch(tf.data.AUTOTUNE)
-
-
-def subset_rows(index: pd.DataFrame, subset: str, level: str) -> pd.DataFrame:
-    return index[(index["subset"] == subset) & (index["level"] == level)]
-
-
-def label_matrix(rows: pd.DataFrame, num_classes: int) -> np.ndarray:
-    out = np.zeros((len(rows), num_classes), np.float32)
-    for i, labels in enumerate(rows["labels"]):
-        out[i, np.asarray(labels, int)] = 1.0
-    return out

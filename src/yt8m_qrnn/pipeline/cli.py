@@ -71,6 +71,7 @@ def run_stage(name: str, argv=None) -> None:
             sync_params_stamp(params, name, model)
             if "DVC_STAGE" in os.environ:
                 forget_snakemake_benchmark(name, model)
+            start_keras(name, model, params)
             stage = stage_function(name)
             stage(params, model) if takes_model else stage(params)
     except StageError as err:
@@ -84,6 +85,19 @@ def run_stage(name: str, argv=None) -> None:
         if record_error is None:
             raise
         fail(record_error + _refetch_advice(record_error))
+
+
+def start_keras(name: str, item: str | None, params: dict) -> None:
+    """Make Keras start with the backend the stage reads (train.backend), before the stage imports it."""
+    if not {"train", "train.backend"} & set(dag.stage_keys(name, item)):
+        return
+    wanted = params["train"]["backend"]
+    if "keras" in sys.modules:  # a caller that started Keras already (a test, an interactive session)
+        started = sys.modules["keras"].backend.backend()
+        if started != wanted:
+            raise ParamsError(f"train.backend: {wanted!r}, but Keras was started with {started!r} in this process")
+        return
+    os.environ["KERAS_BACKEND"] = wanted
 
 
 def stage_function(name: str):

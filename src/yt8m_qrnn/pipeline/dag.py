@@ -96,7 +96,8 @@ STAGES: dict[str, Stage] = {stage.name: stage for stage in (
           outputs=("results/models/{item}/seeds", "results/models/{item}/train_stats.json",
                    "results/models/{item}/history.csv"),
           reads=("data", "index"), writes=("model-{item}",), code=_MODEL_CODE + ("stages/train.py",), item="model"),
-    Stage("evaluate", "yt8m_qrnn.stages.evaluate:run", params=("data.version", "models.{item}", "evaluate"),
+    Stage("evaluate", "yt8m_qrnn.stages.evaluate:run",
+          params=("data.version", "models.{item}", "train.backend", "evaluate"),
           inputs=(str(DATA_ROOT), str(INDEX), "results/models/{item}/seeds"),
           outputs=tuple(f"results/eval/{{item}}/{name}" for name in (
               "predictions", "eval_predictions.csv", "submission.csv", "metrics.json", "pr_curve.csv",

@@ -238,14 +238,14 @@ def check_model(path: Path, name: str) -> None:
     check_sha256(path, recorded, record, fix)
 
 
-def predict(models: dict, dataset):
-    """Per batch: ids, {seed: predictions}, their mean (the seeds' ensemble), dense labels."""
+def predict(models: dict, batches):
+    """Per batch of (ids, inputs, labels): ids, {seed: predictions}, their mean (the seeds' ensemble), dense labels."""
     import keras
 
-    for ids, inputs, labels in dataset:
+    for ids, inputs, labels in batches:
         outputs = {seed: keras.ops.convert_to_numpy(model(inputs, training=False)) for seed, model in models.items()}
         mean = np.mean(np.stack(list(outputs.values())), axis=0, dtype=np.float32)
-        yield [i.decode() for i in ids.numpy()], outputs, mean, labels.numpy()
+        yield [str(i) for i in ids], outputs, mean, labels
 
 
 def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, num_classes: int, data_root: Path,
@@ -260,7 +260,7 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
     """
     import keras
 
-    from yt8m_qrnn.data import stream as data_lib
+    from yt8m_qrnn.data import batches as data_lib
     from yt8m_qrnn.metrics.stats import TopK, seed_interval
     from yt8m_qrnn.models import qrnn  # noqa: F401
     from yt8m_qrnn.models import starter as models  # noqa: F401  (registers the custom layers for loading)
@@ -282,8 +282,7 @@ def evaluate_model(name: str, model_cfg: dict, eval_cfg: dict, *, version: int, 
     train_rows = data_lib.subset_rows(index, "train", level)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    dataset = data_lib.make_dataset(data_root, eval_rows, level, version, num_classes, eval_cfg["batch_size"],
-                                    with_ids=True)
+    dataset = data_lib.one_pass(data_root, eval_rows, level, version, num_classes, eval_cfg["batch_size"])
     keys = [*loaded, ENSEMBLE]
     metrics = {key: EvaluationMetrics(num_classes, top_k) for key in keys}
     parts: dict = {key: [] for key in keys}
@@ -348,13 +347,12 @@ def _write_predictions(folder: Path, topks: dict, full: np.ndarray | None) -> No
 
 def _write_submission(path, models, index, level, version, num_classes, data_root, eval_cfg) -> int:
     """The seeds' ensemble's top-k predictions for the unlabelled test videos, in the Kaggle format."""
-    from yt8m_qrnn.data import stream as data_lib
+    from yt8m_qrnn.data import batches as data_lib
 
     test_rows = data_lib.subset_rows(index, "test", level)
     with PairsWriter(path, eval_cfg["top_k"]) as out:
         if not test_rows.empty:
-            dataset = data_lib.make_dataset(data_root, test_rows, level, version, num_classes, eval_cfg["batch_size"],
-                                            with_ids=True)
+            dataset = data_lib.one_pass(data_root, test_rows, level, version, num_classes, eval_cfg["batch_size"])
             for ids, _, mean, _ in predict(models, dataset):
                 out.write(ids, mean)
     return out.rows

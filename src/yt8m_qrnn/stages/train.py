@@ -1,8 +1,11 @@
 """Train one model from the index: distributed, checkpointed, resumable, logged.
 
-The loop is Keras' model.fit over a tf.data stream (yt8m_qrnn.data.stream), with:
+The loop is Keras' model.fit, on the Keras backend train.backend names (pipeline.cli starts
+Keras with it): over a tf.data stream (yt8m_qrnn.data.stream) on TensorFlow, over one epoch's
+keras.utils.PyDataset at a time (yt8m_qrnn.data.batches: the same batches) on JAX and PyTorch,
+which run without TensorFlow. With:
 
-- Devices (train.distribute): "auto" mirrors the model over every visible GPU with
+- Devices (train.distribute), on TensorFlow (JAX: see KerasDistribution): "auto" mirrors the model over every visible GPU with
   tf.distribute.MirroredStrategy when there are several and uses the default device
   otherwise; "mirrored" always uses MirroredStrategy (over the GPUs, or over the CPU's
   logical devices when there is no GPU: that is how the tests run it); "none" the
@@ -76,9 +79,8 @@ from pathlib import Path
 import keras
 import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from yt8m_qrnn.data import stream as data_lib
+from yt8m_qrnn.data import batches as data_lib
 from yt8m_qrnn.data.index_file import read_index
 from yt8m_qrnn.metrics.official import EvaluationMetrics
 from yt8m_qrnn.models.starter import (
@@ -101,7 +103,8 @@ from yt8m_qrnn.records.features import NUM_CLASSES
 log = logging.getLogger("yt8m_qrnn.stages.train")
 
 ADAM_EPSILON = 1e-8  # tf.train.AdamOptimizer's default
-TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0, "patience": 0}
+TRAIN_DEFAULTS = {"distribute": "auto", "precision": "float32", "checkpoint_every_steps": 0, "patience": 0,
+                  "backend": "tensorflow"}
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 DISTRIBUTE = ("auto", "mirrored", "multi_worker", "none")
 STATE_FILE = "state.json"
@@ -131,15 +134,15 @@ class ClippedAdam(keras.optimizers.Adam):
     """
 
     def _clip_gradients(self, grads):
-        context = tf.distribute.get_replica_context()
+        context = _tf().distribute.get_replica_context() if _on_tensorflow() else None
         if context is not None and context.num_replicas_in_sync > 1:
             present = [g for g in grads if g is not None]
-            reduced = iter(context.all_reduce(tf.distribute.ReduceOp.SUM, present))
+            reduced = iter(context.all_reduce(_tf().distribute.ReduceOp.SUM, present))
             grads = [None if g is None else next(reduced) for g in grads]
         return super()._clip_gradients(grads)
 
     def _all_reduce_sum_gradients(self, grads_and_vars):
-        context = tf.distribute.get_replica_context()
+        context = _tf().distribute.get_replica_context() if _on_tensorflow() else None
         if context is not None and context.num_replicas_in_sync > 1:
             return list(grads_and_vars)  # summed in _clip_gradients already
         return super()._all_reduce_sum_gradients(grads_and_vars)
@@ -160,9 +163,24 @@ def make_optimizer(model_cfg: dict, train_cfg: dict, global_batch: int | None = 
 # ----------------------------------------------------------------- devices and precision
 
 
-def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
+def _on_tensorflow() -> bool:
+    return keras.backend.backend() == "tensorflow"
+
+
+def _tf():
+    """TensorFlow, imported only on its backend: the JAX and PyTorch backends run without it."""
+    import tensorflow as tf
+
+    return tf
+
+
+def make_strategy(kind: str = "auto"):
+    """tf.distribute's strategy on TensorFlow; KerasDistribution on the other backends."""
     if kind not in DISTRIBUTE:
         raise ValueError(f"train.distribute: {kind!r} is not one of {', '.join(DISTRIBUTE)}")
+    if not _on_tensorflow():
+        return KerasDistribution(kind)
+    tf = _tf()
     if kind == "multi_worker":
         # first: it configures collective ops in the TensorFlow runtime, which is only possible
         # before the runtime starts (listing devices, making a tensor or a dataset all start it)
@@ -174,6 +192,54 @@ def make_strategy(kind: str = "auto") -> tf.distribute.Strategy:
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy([d.name for d in devices])
     return tf.distribute.get_strategy()  # "none"
+
+
+class KerasDistribution:
+    """Devices on JAX (and PyTorch), with the few members of a tf.distribute strategy the loop uses.
+
+    "auto": keras.distribution.DataParallel over the GPUs when there are several, else one
+    device; "mirrored": DataParallel over every device of the first kind found (GPUs, or the
+    CPU's host devices: XLA_FLAGS=--xla_force_host_platform_device_count=N makes N, as the
+    tests do); "none": one device. Each step's global batch is split evenly over the devices
+    and the gradient is their mean, as under MirroredStrategy. Several machines
+    ("multi_worker") run on TensorFlow.
+    """
+
+    def __init__(self, kind: str):
+        if kind == "multi_worker":
+            raise ValueError("train.distribute: multi_worker runs on the TensorFlow backend (train.backend)")
+        gpus = keras.distribution.list_devices("gpu") if _has_gpu() else []
+        devices = (gpus if kind == "auto" else gpus or keras.distribution.list_devices("cpu")) if kind != "none" else []
+        if len(devices) > 1 and keras.backend.backend() != "jax":
+            raise ValueError(f"train.distribute: {kind} over {len(devices)} devices runs on JAX or TensorFlow, "
+                             f"not {keras.backend.backend()}")
+        self.devices = devices if len(devices) > 1 else []
+        self.distribution = keras.distribution.DataParallel(devices=self.devices) if self.devices else None
+        self.num_replicas_in_sync = max(1, len(self.devices))
+        self.extended = _Extended(self.devices or ["default"])
+
+    @contextlib.contextmanager
+    def scope(self):
+        previous = keras.distribution.distribution()
+        keras.distribution.set_distribution(self.distribution)
+        try:
+            yield
+        finally:
+            keras.distribution.set_distribution(previous)
+
+
+class _Extended:
+    should_checkpoint = True  # one process
+
+    def __init__(self, devices: list[str]):
+        self.worker_devices = devices
+
+
+def _has_gpu() -> bool:
+    try:
+        return bool(keras.distribution.list_devices("gpu"))
+    except (RuntimeError, ValueError):  # no GPU platform at all
+        return False
 
 
 @contextlib.contextmanager
@@ -261,15 +327,16 @@ class Checkpoint:
 
 
 class Validator:
-    """Scores a model on the validation videos with the official GAP@20."""
+    """Scores a model on the validation videos with the official GAP@20. batches: a function giving
+    the (ids, inputs, labels) of one pass (data.batches.one_pass)."""
 
-    def __init__(self, dataset, num_classes: int, count: int):
-        self.dataset, self.num_classes, self.count = dataset, num_classes, count
+    def __init__(self, batches, num_classes: int, count: int):
+        self.batches, self.num_classes, self.count = batches, num_classes, count
 
     def gap(self, model: keras.Model) -> float:
         metrics = EvaluationMetrics(self.num_classes, VALIDATION_TOP_K)
-        for inputs, labels in self.dataset:
-            metrics.accumulate(keras.ops.convert_to_numpy(model(inputs, training=False)), labels.numpy())
+        for _, inputs, labels in self.batches():
+            metrics.accumulate(keras.ops.convert_to_numpy(model(inputs, training=False)), labels)
         return float(metrics.gap())
 
 
@@ -322,6 +389,22 @@ class StopFlag:
                 signal.signal(sig, old)
 
 
+class EpochScalars:
+    """TensorBoard scalars per epoch on TensorFlow (tf.summary); elsewhere history.csv holds the same."""
+
+    def __init__(self, folder: Path):
+        self.writer = _tf().summary.create_file_writer(str(folder)) if _on_tensorflow() else None
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        tf = _tf()
+        with self.writer.as_default(step=step):
+            for name, value in scalars.items():
+                tf.summary.scalar(name, value)
+        self.writer.flush()
+
+
 class Progress(keras.callbacks.Callback):
     """Tracks the position in the run; checkpoints at epoch ends, every N steps and on a stop signal.
 
@@ -339,7 +422,7 @@ class Progress(keras.callbacks.Callback):
         self.total_epochs, self.every_steps, self.stop = total_epochs, every_steps, stop
         self.any_worker = any_worker  # several workers: whether any of them has the flag (a collective)
         self.validator, self.patience = validator, patience
-        self.writer = tf.summary.create_file_writer(str(tensorboard_dir))
+        self.scalars = EpochScalars(tensorboard_dir)
         self.interrupted = False
 
     # position helpers
@@ -396,11 +479,8 @@ class Progress(keras.callbacks.Callback):
             self.model.stop_training = True
         self.checkpoint.save(self.model, self.state)
         self.prior_loss_sum, self.prior_seconds, self.offset = 0.0, 0.0, 0
-        with self.writer.as_default(step=epoch + 1):
-            tf.summary.scalar("epoch_loss", loss)
-            tf.summary.scalar("learning_rate", learning_rate)
-            tf.summary.scalar("examples_per_second", row["examples_per_second"])
-        self.writer.flush()
+        self.scalars.write(epoch + 1, {"epoch_loss": loss, "learning_rate": learning_rate,
+                                       "examples_per_second": row["examples_per_second"]})
         log.info("epoch %d/%d: loss %.4f, %.1f s, %.1f examples/sec%s", epoch + 1, self.total_epochs, loss, seconds,
                  row["examples_per_second"],
                  "" if row["val_gap"] is None else f", validation GAP {row['val_gap']:.4f} (best: epoch "
@@ -532,14 +612,12 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
         with stop.installed(), _out_of_memory_named(name, model_cfg["batch_size"]):
             while not progress.state.get("finished") and progress.state["epoch"] < epochs and not progress.interrupted:
                 epoch, batch = progress.state["epoch"], progress.state["batch"]
-                # a partially done epoch is finished by a call of its own, with fewer steps
-                end = epoch + 1 if batch else epochs
-                stream = data_lib.make_training_stream(
-                    data_root, rows, model_cfg["level"], version, num_classes, global_batch,
-                    seed=train_cfg["seed"], start_epoch=epoch, end_epoch=end, skip_batches=batch
-                ).with_options(_shard_by_data())
-                if _multi_worker(strategy):
-                    _work_around_keras_multi_worker(model, strategy, stream.element_spec)
+                # a partially done epoch is finished by a call of its own, with fewer steps; off TensorFlow
+                # every epoch is a call of its own (a PyDataset is one epoch)
+                end = epoch + 1 if batch or not _on_tensorflow() else epochs
+                stream = training_batches(data_root, rows, model_cfg["level"], version, num_classes, global_batch,
+                                          seed=train_cfg["seed"], epochs=(epoch, end), skip=batch, strategy=strategy,
+                                          model=model)
                 model.fit(stream, initial_epoch=epoch, epochs=end, steps_per_epoch=steps - batch,
                           callbacks=callbacks, shuffle=False, verbose=0)
                 if not progress.interrupted and not progress.state["finished"] and progress.state["epoch"] != end:
@@ -564,22 +642,49 @@ def _train(name, model_cfg, train_cfg, strategy, subsets, rows_digest, version, 
                           None if keep_checkpoint else checkpoint.save_folder, choice)
 
 
+def training_batches(data_root, rows, level, version, num_classes, global_batch, *, seed: int,
+                     epochs: tuple[int, int], skip: int, strategy, model):
+    """The batches of epochs [start, end) but the first `skip`: a tf.data stream on TensorFlow
+    (several workers: each keeps its replicas' parts), one epoch's PyDataset elsewhere."""
+    start, end = epochs
+    if not _on_tensorflow():
+        reader = data_lib.BatchReader(data_root, rows, level, version, num_classes)
+        return data_lib.EpochBatches(reader, global_batch, seed=seed, epoch=start, skip=skip,
+                                     multiple_of=strategy.num_replicas_in_sync)
+    from yt8m_qrnn.data import stream
+
+    dataset = stream.make_training_stream(data_root, rows, level, version, num_classes, global_batch, seed=seed,
+                                          start_epoch=start, end_epoch=end, skip_batches=skip)
+    dataset = dataset.with_options(_shard_by_data())
+    if _multi_worker(strategy):
+        _work_around_keras_multi_worker(model, strategy, dataset.element_spec)
+    return dataset
+
+
 @contextlib.contextmanager
 def _out_of_memory_named(name: str, batch_size: int):
-    """An allocation failing while training (MemoryError on the host, ResourceExhaustedError on a
-    device) becomes OutOfMemory, whose one line says what to lower."""
+    """An allocation failing while training (MemoryError on the host, a device's RESOURCE_EXHAUSTED:
+    TensorFlow's ResourceExhaustedError, XLA's runtime error on JAX) becomes OutOfMemory, whose one
+    line says what to lower."""
     try:
         yield
-    except (MemoryError, tf.errors.ResourceExhaustedError) as err:
+    except Exception as err:
+        if not (isinstance(err, MemoryError) or "RESOURCE_EXHAUSTED" in str(err)
+                or type(err).__name__ == "ResourceExhaustedError"):
+            raise
         raise OutOfMemory(f"out of memory at batch_size {batch_size}; lower models.{name}.batch_size in "
                           "params.yaml") from err
 
 
 def make_deterministic(seed: int) -> dict:
-    """Seed every generator (Python, numpy, TensorFlow, Keras) and turn on TensorFlow's op
+    """Seed every generator (Python, numpy, the backend's, Keras') and, on TensorFlow, turn on its op
     determinism, so that two clean runs on one machine agree to the last bit; the settings, for
     the record. (Reductions split over threads are reproducible on the same thread count.)"""
     keras.utils.set_random_seed(seed)
+    if not _on_tensorflow():
+        return {"seeding": "keras.utils.set_random_seed", "backend": keras.backend.backend(),
+                "xla_flags": os.environ.get("XLA_FLAGS", "default")}
+    tf = _tf()
     tf.config.experimental.enable_op_determinism()
     return {"seeding": "keras.utils.set_random_seed", "tf_op_determinism": True,
             "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (every core)",
@@ -589,12 +694,14 @@ def make_deterministic(seed: int) -> dict:
 def _validator(data_root, valid_rows, model_cfg, version, num_classes) -> Validator | None:
     if valid_rows.empty:
         return None
-    dataset = data_lib.make_dataset(data_root, valid_rows, model_cfg["level"], version, num_classes,
-                                    model_cfg["batch_size"])
-    return Validator(dataset, num_classes, len(valid_rows))
+    def batches():
+        return data_lib.one_pass(data_root, valid_rows, model_cfg["level"], version, num_classes,
+                                 model_cfg["batch_size"])
+
+    return Validator(batches, num_classes, len(valid_rows))
 
 
-def _shard_by_data() -> tf.data.Options:
+def _shard_by_data():
     """Several workers: each splits every global batch as all do and keeps its own replicas' parts.
 
     tf.distribute splits each global batch into one part per replica (in replica order over
@@ -603,13 +710,14 @@ def _shard_by_data() -> tf.data.Options:
     sharding by file, needs at least as many files as workers and gives each worker
     different videos, changing the batches.) No effect with one worker.
     """
+    tf = _tf()
     options = tf.data.Options()
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return options
 
 
 def _multi_worker(strategy) -> bool:
-    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+    return _on_tensorflow() and isinstance(strategy, _tf().distribute.MultiWorkerMirroredStrategy)
 
 
 def _across_workers(strategy):
@@ -618,6 +726,8 @@ def _across_workers(strategy):
     A collective: every worker calls it at the same point. In a tf.function: ~3 ms a call
     between two local workers, ~90 ms eagerly.
     """
+    tf = _tf()
+
     @tf.function
     def gather(local):
         per_replica = strategy.experimental_distribute_values_from_function(lambda context: local)
@@ -667,7 +777,7 @@ def _work_around_keras_multi_worker(model: keras.Model, strategy, element_spec) 
     train_step = type(model).train_step.__get__(model)
 
     def train_step_with_axis(data):
-        return {key: tf.reshape(value, [1]) for key, value in train_step(data).items()}
+        return {key: _tf().reshape(value, [1]) for key, value in train_step(data).items()}
 
     model._maybe_symbolic_build = build
     model.train_step = train_step_with_axis
