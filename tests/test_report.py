@@ -19,9 +19,11 @@ import pytest
 import yaml
 
 from conftest import REPO
-from yt8m_qrnn.stages.report import build as report_lib
-from yt8m_qrnn.stages.report.build import ReportError, build_report, dvc_hash
 from yt8m_qrnn.metrics.stats import TopK
+from yt8m_qrnn.pipeline import dag
+from yt8m_qrnn.pipeline.provenance import dvc_hash
+from yt8m_qrnn.stages.report import inputs, provenance_section, tables
+from yt8m_qrnn.stages.report.build import ReportError, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DEFAULT_MODELS = {"logistic": ("logistic", "video"), "moe": ("moe", "video"), "lstm": ("lstm", "frame"),
@@ -201,7 +203,7 @@ def test_table1_puts_the_paper_beside_each_model_of_that_kind(generated_report):
     _, text = generated_report
     rows = section(markdown_tables(text), "1. Table 1")
     models = [row[1] for row in rows[1:]]
-    reference = yaml.safe_load(report_lib.REFERENCE.read_text())
+    reference = yaml.safe_load(inputs.REFERENCE.read_text())
     for ref in reference["table1"]:
         mine = [name for name, (kind, _) in DEFAULT_MODELS.items() if kind == ref["kind"]]
         at = models.index(ref["model"])
@@ -255,7 +257,7 @@ def test_label_names_and_pipes_are_kept_in_the_per_class_table(generated_report)
 # ---------------------------------------------------------------- reference numbers
 
 def reference_numbers() -> list[str]:
-    reference = yaml.safe_load(report_lib.REFERENCE.read_text())
+    reference = yaml.safe_load(inputs.REFERENCE.read_text())
     numbers = []
     for row in reference["table1"]:
         numbers += [str(row["perr"]), str(row["hit_at_one"]), f"{row['perr']:.3f}", f"{100 * row['hit_at_one']:.1f}"]
@@ -268,14 +270,16 @@ def reference_numbers() -> list[str]:
 
 
 def test_no_reference_number_is_hard_coded_in_the_report_code():
-    source = report_lib.__file__
-    text = open(source).read()
-    for number in reference_numbers():
-        assert not re.search(rf"(?<![\w.]){re.escape(number)}(?![\w])", text), f"{number} is hard-coded in {source}"
+    sources = sorted(p for p in inputs.REFERENCE.parent.iterdir() if p.suffix in (".py", ".md"))
+    assert {"build.py", "tables.py", "figures.py", "template.md"} <= {p.name for p in sources}
+    for source in sources:
+        text = source.read_text()
+        for number in reference_numbers():
+            assert not re.search(rf"(?<![\w.]){re.escape(number)}(?![\w])", text), f"{number} is hard-coded in {source}"
 
 
 def test_reference_numbers_come_from_the_yaml(tmp_path):
-    reference = yaml.safe_load(report_lib.REFERENCE.read_text())
+    reference = yaml.safe_load(inputs.REFERENCE.read_text())
     reference["table1"][0]["perr"] = 0.123
     reference["table1"][0]["hit_at_one"] = 0.456
     reference["table2"][2]["gap"] = 0.97531
@@ -293,7 +297,7 @@ def test_reference_numbers_come_from_the_yaml(tmp_path):
 
 
 def test_reference_file_is_complete_and_sourced():
-    reference = report_lib.load_reference()
+    reference = inputs.load_reference()
     kinds = {row.get("kind") for row in reference["table1"]}
     assert {"qrnn", "logistic", "moe", "lstm"} <= kinds
     assert [row["gap"] for row in reference["table2"]] == [0.718, 0.808, 0.88987, 0.88729, 0.88722]
@@ -373,11 +377,14 @@ def test_a_missing_input_is_named(tmp_path):
 
 # ---------------------------------------------------------------- provenance
 
-def test_report_inputs_are_the_dvc_stage_deps():
+def test_the_inputs_table_lists_the_dvc_stage_deps(tmp_path):
+    """The report hashes what DVC records for its stage, by the names dvc.lock gives them (so each row finds its
+    dvc.lock entry); RESULT_INPUTS and CODE_INPUTS come from the DAG, which dvc.yaml spells."""
     stage = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["report"]
-    declared = {d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]}
-    listed = {f"results/{p}" for p in report_lib.RESULT_INPUTS} | set(report_lib.CODE_INPUTS)
-    assert listed == declared
+    declared = [d if isinstance(d, str) else next(iter(d)) for d in stage["deps"]]
+    table, _ = provenance_section.inputs_table(tmp_path / "results", tmp_path, {})
+    assert sorted(name.strip("`") for name in table["Input"]) == sorted(declared)
+    assert f"src/yt8m_qrnn/{dag.STAGES['report'].code[-1]}" in declared  # the report's own package
 
 
 def test_hashes_are_computed_as_dvc_computes_them(tmp_path):
@@ -404,14 +411,17 @@ def test_hashes_are_computed_as_dvc_computes_them(tmp_path):
 
 def test_provenance_git_dvc_lock_params_manifest(tmp_path):
     results = write_fake_results(tmp_path)
-    for rel in report_lib.CODE_INPUTS:
+    for rel in provenance_section.CODE_INPUTS:
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / rel, tmp_path / rel)
+        if (REPO / rel).is_dir():
+            shutil.copytree(REPO / rel, tmp_path / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(REPO / rel, tmp_path / rel)
     manifest_md5 = dvc_hash(results / "data" / "manifest.json")["md5"]
     lock = {"schema": "2.0", "stages": {
         "report": {"cmd": "python workflow/scripts/report.py", "deps": [
             {"path": "results/data/manifest.json", "hash": "md5", "md5": manifest_md5, "size": 1},
-            {"path": "src/yt8m_qrnn/stages/report/build.py", "hash": "md5", "md5": "0" * 32, "size": 1}]},
+            {"path": "src/yt8m_qrnn/stages/report", "hash": "md5", "md5": "0" * 32 + ".dir", "size": 1}]},
         "fetch": {"cmd": "python workflow/scripts/fetch.py", "outs": [
             {"path": "resources/yt8m", "hash": "md5", "md5": "1" * 32 + ".dir", "size": 1, "nfiles": 1}]}}}
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
@@ -428,13 +438,14 @@ def test_provenance_git_dvc_lock_params_manifest(tmp_path):
     inputs = {row[0]: row for row in section(tables, "Inputs of this report")[1:]}
     assert inputs["`results/data/manifest.json`"][1] == f"`{manifest_md5}`"
     assert inputs["`results/data/manifest.json`"][4] == "same"
-    assert inputs["`src/yt8m_qrnn/stages/report/build.py`"][4] == "changed since dvc.lock"
+    assert inputs["`src/yt8m_qrnn/stages/report`"][4] == "changed since dvc.lock"
     assert inputs["`results/eval`"][1].endswith(".dir`") and inputs["`results/eval`"][4] == "not in dvc.lock"
     assert "Every input and output recorded in dvc.lock (3 entries" in text
     assert "folder: not re-hashed" in text
     params = {row[0]: row[1] for row in section(tables, "Params of each stage")[1:]}
-    assert set(params) == {"generate", "fetch", "index", "report"} | {
-        f"{s}@{m}" for m in DEFAULT_MODELS for s in ("train", "evaluate")}
+    assert list(params) == ["generate", "fetch", "index"] + [
+        f"{s}@{m}" for m in DEFAULT_MODELS for s in ("train", "evaluate")] + ["bench", "report"]
+    assert params["bench"] == "not recorded (" + str(results / "params" / "bench.json") + " missing)"
     assert "`evaluate.top_k`=20" in params["evaluate@qrnn"] and "`models.qrnn.kind`=\"qrnn\"" in params["train@qrnn"]
     data = section(tables, "Data")
     assert data[0][:3] == ["Level", "Split", "Shards"] and len(data) == 1 + 6
@@ -442,9 +453,10 @@ def test_provenance_git_dvc_lock_params_manifest(tmp_path):
     assert re.search(r"- CPU: .+, \d+ logical cores", text) and "- GPU: " in text
     assert re.search(r"packages: Python 3\.\d+\.\d+; .*numpy \d", text)
 
-    (tmp_path / "src" / "yt8m_qrnn" / "report.py").write_text("# edited\n")
+    (tmp_path / "src" / "yt8m_qrnn" / "stages" / "report" / "build.py").write_text("# edited\n")
     text = build_report(list(DEFAULT_MODELS), {}, results, repo=tmp_path)
-    assert "**with uncommitted changes**" in text and "`src/yt8m_qrnn/stages/report/build.py`" in text.split("### Inputs")[0]
+    code = text.split("### Inputs")[0]
+    assert "**with uncommitted changes**" in code and "`src/yt8m_qrnn/stages/report/build.py`" in code
 
 
 def test_no_git_no_dvc_lock(tmp_path, monkeypatch):
@@ -506,23 +518,23 @@ def test_pipeline_report_html_metrics_and_plots(tiny_build, tmp_path):
 @pytest.mark.parametrize("best_epochs, flagged", [([12, 30, 9], True), ([12, 29, 9], False)])
 def test_epoch_column_flags_a_seed_kept_at_the_cap(best_epochs, flagged):
     stats = {"epochs": [17, 30, 14], "best_epochs": best_epochs, "max_epochs": 30, "validation_videos": 250}
-    text = report_lib._epochs_kept(stats)
+    text = tables.epochs_kept(stats)
     assert text.startswith(f"{best_epochs[0]}, {best_epochs[1]}, {best_epochs[2]} of 30 (validation GAP)")
     assert ("the cap: the budget may bind" in text) == flagged
 
 
 def test_epoch_column_without_validation_names_the_last_epoch_and_no_cap():
-    text = report_lib._epochs_kept({"epochs": 6, "max_epochs": 6})
+    text = tables.epochs_kept({"epochs": 6, "max_epochs": 6})
     assert text == "6 of 6 (no validation subset: the last)"
 
 
 def test_provenance_states_the_determinism_settings():
     settings = {"seeding": "keras.utils.set_random_seed", "tf_op_determinism": True,
                 "intra_op_threads": "default (every core)", "onednn": "default"}
-    runs = [report_lib.ModelRun(name, {"determinism": settings}, {}, pd.DataFrame()) for name in ("lstm", "qrnn")]
-    [line] = report_lib.determinism_lines(runs)
+    runs = [inputs.ModelRun(name, {"determinism": settings}, {}, pd.DataFrame()) for name in ("lstm", "qrnn")]
+    [line] = provenance_section.determinism_lines(runs)
     assert line.startswith("- determinism (lstm, qrnn): seeds set by `keras.utils.set_random_seed`")
     assert "TensorFlow op determinism on" in line
-    old = [report_lib.ModelRun("moe", {}, {}, pd.DataFrame())]
-    assert report_lib.determinism_lines(old) == ["- determinism: not recorded by these training runs"]
-    assert len(report_lib.determinism_lines(runs + old)) == 2
+    old = [inputs.ModelRun("moe", {}, {}, pd.DataFrame())]
+    assert provenance_section.determinism_lines(old) == ["- determinism: not recorded by these training runs"]
+    assert len(provenance_section.determinism_lines(runs + old)) == 2

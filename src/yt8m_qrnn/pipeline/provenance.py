@@ -62,7 +62,7 @@ def gpu_models() -> str:
 
 
 def operating_system() -> str:
-    """"Linux 6.8.0 (x86_64)"."""
+    """The system, its release and the machine's architecture: Linux 6.8.0 (x86_64)."""
     return f"{platform.system()} {platform.release()} ({platform.machine()})"
 
 

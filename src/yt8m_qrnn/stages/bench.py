@@ -46,21 +46,19 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from yt8m_qrnn.pipeline import provenance
 from yt8m_qrnn.pipeline.dag import BENCH_DIR, BENCH_FILES, DATA_ROOT
 from yt8m_qrnn.pipeline.io import atomic_path, write_json
 from yt8m_qrnn.pipeline.params import stage_params
-from yt8m_qrnn.pipeline.provenance import cpu_model
 from yt8m_qrnn.records.features import NUM_CLASSES
 
 OUT_DIR, FILES = BENCH_DIR, BENCH_FILES
@@ -201,32 +199,26 @@ def environment() -> dict:
             names.append(tf.config.experimental.get_device_details(gpu).get("device_name", gpu.name))
         except (ValueError, RuntimeError):
             names.append(gpu.name)
-    versions = {"python": platform.python_version(), "numpy": np.__version__, "tensorflow": tf.__version__,
+    versions = {"python": provenance.python_version(), "numpy": np.__version__, "tensorflow": tf.__version__,
                 "keras": keras.__version__}
-    for package in ("tensorflow-cpu", "tensorflow"):
-        try:
-            versions["tensorflow_package"] = f"{package} {metadata.version(package)}"
-            break
-        except metadata.PackageNotFoundError:
-            continue
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
+    installed = provenance.package_versions(("tensorflow-cpu", "tensorflow"))
+    if installed:  # the first: the CPU-only build where both are installed
+        package, version = next(iter(installed.items()))
+        versions["tensorflow_package"] = f"{package} {version}"
     return {
-        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {cpu_model()}",
+        "device": f"GPU: {', '.join(names)}" if gpus else f"CPU: {provenance.cpu_model()}",
         "device_kind": "GPU" if gpus else "CPU",
         "gpus": names,
-        "cpu": cpu_model(),
+        "cpu": provenance.cpu_model(),
         "backend": keras.backend.backend(),
         "versions": versions,
         "cpu_count": os.cpu_count(),
-        "cpus_usable": usable,
+        "cpus_usable": provenance.usable_cpus(),
         "tf_intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads() or "default (every core)",
         "tf_inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads() or "default (every core)",
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS", "default"),
         "load_average_start": list(os.getloadavg()),
-        "platform": f"{platform.system()} {platform.release()} ({platform.machine()})",
+        "platform": provenance.operating_system(),
         "python_executable": sys.executable,
         "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }

@@ -162,7 +162,7 @@ def verdict_lines(models: list[ModelScores], comparisons: list[Comparison], data
              "interval over the evaluation videos):", ""]
     for c in comparisons:
         lines.append(f"- {c.qrnn} ({c.level} level) vs {c.baseline}: {c.difference:+.4f} [{c.low:+.4f}, {c.high:+.4f}], "
-                     f"p {_p_text(c.p_value)}: **{c.outcome}**.")
+                     f"p {p_text(c.p_value)}: **{c.outcome}**.")
     missing = [k for k in ("logistic", "moe", "lstm") if k not in kinds]
     for kind in missing:
         lines.append(f"- against {kind}: not tested, no {kind} model in this run"
@@ -172,5 +172,5 @@ def verdict_lines(models: list[ModelScores], comparisons: list[Comparison], data
     return lines
 
 
-def _p_text(p: float) -> str:
+def p_text(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"= {p:.3f}"
