@@ -67,6 +67,7 @@ def score(predict, eval_rows, folder) -> dict:
     return {k: float(result[k]) for k in METRICS}
 
 
+@pytest.mark.extended
 def test_baselines_and_qrnn_beat_the_class_prior_and_moe_beats_logistic(real_index, tmp_path):
     table, folder = real_index["index"], real_index["folder"]
     train_rows = data_lib.subset_rows(table, "train", "video")

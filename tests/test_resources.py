@@ -101,6 +101,7 @@ def train_with_capped_memory(root: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_out_of_memory_names_the_model_and_the_batch_size_to_lower(tmp_path):
     root = build_until_index(tmp_path / "ws", long_video_params(HUGE_BATCH))
     result = train_with_capped_memory(root)

@@ -319,7 +319,7 @@ def upstream_done(workspace):
     the plan, times in pipeline order), so the four train jobs are the ones to submit;
     removed afterwards."""
     from yt8m_qrnn.pipeline.params import load_params
-    from yt8m_qrnn.pipeline.dag import data_params_digest
+    from yt8m_qrnn.stages.fetch.store import data_params_digest
 
     made = []
     shard = "2/video/train/train0000.tfrecord"
@@ -559,6 +559,7 @@ def test_dvc_remote_round_trip(built, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.extended
 def test_dvc_exp_run_sweep(built):
     if run(["git", "status", "--porcelain"], built).strip():
         git_commit(built, "after the round trip")

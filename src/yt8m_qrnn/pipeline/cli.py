@@ -74,17 +74,26 @@ def run_stage(name: str, argv=None) -> None:
             start_keras(name, model, params)
             stage = stage_function(name)
             stage(params, model) if takes_model else stage(params)
-    except StageError as err:
-        fail(f"{where}: {err}" + (_dvc_cache_note(err.path) if isinstance(err, CorruptArtifact) else ""))
-    except MemoryError as err:  # outside the training loop, which names the batch size to lower
-        fail(f"{where}: out of memory ({type(err).__name__}: {err})")
-    except EXPECTED_ERRORS as err:
-        fail(str(err))
-    except Exception as err:
-        record_error = _record_error(err)
-        if record_error is None:
+    except BaseException as err:  # noqa: BLE001 - what is not an expected error is raised again
+        line = _error_line(err, name, where)
+        if line is None:
             raise
-        fail(record_error + _refetch_advice(record_error))
+        fail(line)
+
+
+def _error_line(err: BaseException, name: str, where: str) -> str | None:
+    """The one line for an expected error, None for any other (a bug: its traceback is wanted)."""
+    record_error = _record_error(err)
+    if record_error is not None:
+        indexed = str(dag.INDEX) in dag.stage(name).inputs  # the shards were checked when indexed
+        return record_error + (_refetch_advice(record_error) if indexed else "")
+    if isinstance(err, StageError):
+        return f"{where}: {err}" + (_dvc_cache_note(err.path) if isinstance(err, CorruptArtifact) else "")
+    if isinstance(err, MemoryError):  # outside the training loop, which names the batch size to lower
+        return f"{where}: out of memory ({type(err).__name__}: {err})"
+    if isinstance(err, EXPECTED_ERRORS):
+        return str(err)
+    return None
 
 
 def start_keras(name: str, item: str | None, params: dict) -> None:
@@ -199,8 +208,11 @@ def _dvc_locked_md5(path: Path) -> str | None:
 
 
 def _record_error(err: BaseException) -> str | None:
-    """The reader's one-line error (file, offset, what is wrong) inside a TensorFlow error: the input pipeline
-    reads records in a numpy_function, whose exceptions reach the training loop wrapped by TensorFlow."""
+    """The reader's one-line error (file, offset, what is wrong): raised as it is (numpy batches), or
+    inside a TensorFlow error (tf.data reads records in a numpy_function, whose exceptions reach the
+    training loop wrapped by TensorFlow)."""
+    if any(cls.__name__ == "RecordError" for cls in type(err).__mro__):
+        return _one_line(str(err))
     if not type(err).__module__.startswith("tensorflow"):
         return None
     found = _READER_ERROR.search(str(err))
