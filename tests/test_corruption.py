@@ -247,7 +247,7 @@ def test_a_shard_rotted_in_the_store_is_refused_then_fetched_again_as_advised(ws
 # ---------------------------------------------------------------- a training checkpoint
 
 def test_a_flipped_checkpoint_is_not_resumed(ws, capsys):
-    """A seed's finished checkpoint, kept while other seeds train (stages.train), is checked before it is
+    """A seed's finished checkpoint, kept while other seeds train (the train stage), is checked before it is
     loaded: a rerun refuses it rather than writing a model from corrupt weights."""
     from yt8m_qrnn.stages.train import train_model
 

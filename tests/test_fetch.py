@@ -272,8 +272,8 @@ def test_plan_entries_that_do_not_fit_the_params_are_refused(tmp_path):
 
 
 def test_fan_out_stages_write_what_the_single_fetch_stage_writes(tmp_path, monkeypatch):
-    """stages.fetch_plan + one stages.fetch_shard per shard (Snakemake) leave the plan and the
-    records that stages.fetch (DVC's one stage) finds unchanged; a plan of other params is refused."""
+    """the fetch_plan stage + one fetch_shard per shard (Snakemake) leave the plan and the
+    records that the fetch stage (DVC's one stage) finds unchanged; a plan of other params is refused."""
     from yt8m_qrnn.pipeline import dag as stages
     from yt8m_qrnn.stages.fetch import store
     from yt8m_qrnn.pipeline.cli import stage_function

@@ -195,6 +195,7 @@ def test_the_backend_is_started_from_params_and_a_mismatch_is_one_line(jax_works
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         "error: train.backend: 'jax', but Keras was started with 'numpy' in this process")
+    assert (jax_workspace / "results/models/logistic/train_stats.json").is_file()  # refused before touching any
 
 
 # The same model, data and seed on TensorFlow and on JAX. The backends draw different initial

@@ -2,7 +2,7 @@
 
 A stage run
 1. loads and checks params.yaml; nothing is written before that;
-2. takes its locks (stages.locks: the resources it reads shared, those it writes
+2. takes its locks (dag.locks: the resources it reads shared, those it writes
    exclusive), so two runs at once (Snakemake and DVC on one workspace, or a rerun
    beside a job orphaned by a killed orchestrator) never write the same outputs
    together, nor read outputs while they are rewritten: the later one waits, saying
@@ -67,11 +67,11 @@ def run_stage(name: str, argv=None) -> None:
         if takes_model and args.model not in params["models"]:
             raise ParamsError(f"{args.params}: models: no model named {args.model!r} (defined: {', '.join(params['models'])})")
         model = args.model if takes_model else None
+        start_keras(name, model, params)  # before the locks: a refusal touches nothing
         with guarded(name, model, params):
             sync_params_stamp(params, name, model)
             if "DVC_STAGE" in os.environ:
                 forget_snakemake_benchmark(name, model)
-            start_keras(name, model, params)
             stage = stage_function(name)
             stage(params, model) if takes_model else stage(params)
     except BaseException as err:  # noqa: BLE001 - what is not an expected error is raised again
@@ -118,7 +118,7 @@ def stage_function(name: str):
 
 @contextlib.contextmanager
 def guarded(stage: str, item: str | None, params: dict):
-    """The stage's locks (stages.locks) for the block; if the block fails, the stage's
+    """The stage's locks (dag.locks) for the block; if the block fails, the stage's
     outputs are removed before the locks are released."""
     reads, writes = dag.locks(stage, item, params)
     owner = f"stage {stage}" + (f"@{item}" if item else "")
