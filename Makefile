@@ -46,7 +46,7 @@ test: $(STAMP)
 	pytest -m "not chaos and not extended"
 
 # make test-extended: the checks left out of make test for its 20-minute budget (real-data training,
-# the out-of-memory cap, a dvc exp sweep); they pass as they are, they are only long.
+# the out-of-memory cap, a dvc exp sweep, SLURM's sbatch through a stand-in); they pass, they are only long.
 test-extended: $(STAMP)
 	pytest -m extended
 

@@ -361,6 +361,7 @@ exit 0
 """
 
 
+@pytest.mark.extended
 def test_slurm_sbatch_requests_the_gpus(workspace, upstream_done, tmp_path):
     """The slurm plugin's own sbatch command lines: GPUs, memory (growing with the
     attempt), time and CPUs, for each training job."""
