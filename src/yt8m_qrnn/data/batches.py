@@ -49,12 +49,12 @@ class BatchReader:
         if rows.empty:
             raise ValueError(f"no {level}-level videos in the selected index rows")
         self.level, self.count, self.ids = level, len(rows), rows["id"].to_numpy(str)
-        if level == "video":
+        self.frames = None  # video level; frame level: a fixed time length (the longest video selected),
+        if level == "video":  # which gives every batch the same (static) shape
             self.read = VideoBatches(data_root, rows, version, num_classes)
         else:
-            # a fixed time length (the longest video selected) gives every batch the same shape
-            frames = int(min(max_frames, rows["num_frames"].max()))
-            self.read = FrameBatches(data_root, rows, version, num_classes, frames)
+            self.frames = int(min(max_frames, rows["num_frames"].max()))
+            self.read = FrameBatches(data_root, rows, version, num_classes, self.frames)
 
     def __call__(self, positions: np.ndarray) -> tuple[dict, np.ndarray]:
         features, num_frames, labels = self.read(positions)

@@ -33,9 +33,8 @@ import pandas as pd
 import tensorflow as tf
 
 from yt8m_qrnn.data.batches import (  # noqa: F401  (the TensorFlow path shares them)
-    MAX_FRAMES, epoch_seed, label_matrix, row_order, steps_per_epoch, subset_rows,
+    MAX_FRAMES, BatchReader, epoch_seed, label_matrix, row_order, steps_per_epoch, subset_rows,
 )
-from yt8m_qrnn.data.reader import FrameBatches, VideoBatches
 from yt8m_qrnn.records.features import FEATURE_DIM
 
 
@@ -45,19 +44,14 @@ class _Pipeline:
 
     def __init__(self, data_root: Path, rows: pd.DataFrame, level: str, version: int, num_classes: int,
                  batch_size: int, max_frames: int, with_ids: bool):
-        rows = rows[rows["level"] == level]
-        if rows.empty:
-            raise ValueError(f"no {level}-level videos in the selected index rows")
-        self.level, self.count, self.batch_size, self.with_ids = level, len(rows), batch_size, with_ids
-        self.ids = tf.constant(rows["id"].to_numpy(str))
+        reader = BatchReader(data_root, rows, level, version, num_classes, max_frames)
+        self.level, self.count, self.batch_size, self.with_ids = level, reader.count, batch_size, with_ids
+        self.ids = tf.constant(reader.ids)
+        self.read = reader.read
         if level == "video":
-            self.read = VideoBatches(data_root, rows, version, num_classes)
             self.shape, self.dtype = [FEATURE_DIM], tf.float32
         else:
-            # a fixed time length (the longest video selected) gives every batch the same static shape
-            frames = int(min(max_frames, rows["num_frames"].max()))
-            self.read = FrameBatches(data_root, rows, version, num_classes, frames)
-            self.shape, self.dtype = [frames, FEATURE_DIM], tf.uint8
+            self.shape, self.dtype = [reader.frames, FEATURE_DIM], tf.uint8
         self.num_classes = num_classes
 
     def batches(self, epochs: tf.data.Dataset, seed_of_epoch: Callable[[int], int | None],

@@ -208,7 +208,7 @@ class KerasDistribution:
     def __init__(self, kind: str):
         if kind == "multi_worker":
             raise ValueError("train.distribute: multi_worker runs on the TensorFlow backend (train.backend)")
-        gpus = keras.distribution.list_devices("gpu") if _has_gpu() else []
+        gpus = _gpus()
         devices = (gpus if kind == "auto" else gpus or keras.distribution.list_devices("cpu")) if kind != "none" else []
         if len(devices) > 1 and keras.backend.backend() != "jax":
             raise ValueError(f"train.distribute: {kind} over {len(devices)} devices runs on JAX or TensorFlow, "
@@ -235,11 +235,11 @@ class _Extended:
         self.worker_devices = devices
 
 
-def _has_gpu() -> bool:
+def _gpus() -> list[str]:
     try:
-        return bool(keras.distribution.list_devices("gpu"))
+        return keras.distribution.list_devices("gpu")
     except (RuntimeError, ValueError):  # no GPU platform at all
-        return False
+        return []
 
 
 @contextlib.contextmanager
